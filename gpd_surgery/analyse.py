@@ -1,0 +1,194 @@
+"""Channel-space analysis: walk the traced graph and let each op's rule relate its dimensions.
+
+The result tells, for every node output and every parameter dimension, its
+layout over the channel spaces, and which parameter dimensions are copied
+(``copy``: per-channel and output dimensions) or shared among copies (``share``:
+the input dimension of a dense consumer, whose copies must sum to the student's
+weight).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .layout import BOUNDARY, Layout, Spaces
+from .trace import TensorSpec
+
+Dims = Any  # list[Layout] for a tensor, tuple of Dims for a tuple, None otherwise
+
+
+@dataclass
+class ParamInfo:
+    layouts: list[Layout]
+    modes: list[str | None]  # per dim: "copy", "share" or None (unchanged)
+
+
+@dataclass
+class Analysis:
+    gm: fx.GraphModule
+    spaces: Spaces
+    dims: dict[str, Dims]
+    params: dict[str, ParamInfo]
+    module_hooks: dict[str, Callable[[nn.Module, Callable[[Layout], int]], None]] = field(default_factory=dict)
+    node_hooks: dict[str, Callable[[fx.Node, Callable[[Layout], int]], None]] = field(default_factory=dict)
+    unsupported: dict[str, str] = field(default_factory=dict)  # node name -> op description
+
+
+class Ctx:
+    """What a rule sees: the node's inputs' layouts and shapes, and ways to relate them."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.spaces = Spaces()
+        self.result = Analysis(gm, self.spaces, {}, {})
+        self.node: fx.Node | None = None
+
+    # -- reading ------------------------------------------------------------
+    def spec(self, a: Any) -> Any:
+        return a.meta.get("gpd_spec") if isinstance(a, fx.Node) else a
+
+    def is_tensor(self, a: Any) -> bool:
+        return isinstance(self.spec(a), TensorSpec)
+
+    def shape(self, a: Any) -> tuple[int, ...]:
+        return self.spec(a).shape
+
+    def dims(self, a: fx.Node) -> list[Layout]:
+        return self.result.dims[a.name]
+
+    def module(self, node: fx.Node) -> nn.Module:
+        return self.gm.get_submodule(node.target)  # type: ignore[arg-type]
+
+    def arg(self, i: int, name: str, default: Any = None) -> Any:
+        node = self.node
+        assert node is not None
+        if len(node.args) > i:
+            return node.args[i]
+        return node.kwargs.get(name, default)
+
+    def tensor_args(self) -> list[fx.Node]:
+        out: list[fx.Node] = []
+        node = self.node
+        assert node is not None
+        fx.node.map_arg((node.args, node.kwargs), lambda n: out.append(n) if self.is_tensor(n) else None)
+        return out
+
+    @property
+    def where(self) -> str:
+        return self.node.name if self.node is not None else "?"
+
+    # -- relating -----------------------------------------------------------
+    def fresh(self, shape: tuple[int, ...] | list[int], *, frozen: str | None = None) -> list[Layout]:
+        return [self.spaces.new(s, frozen=frozen) for s in shape]
+
+    def unify(self, a: Layout, b: Layout) -> None:
+        self.spaces.unify(a, b, self.where)
+
+    def freeze(self, lay: Layout, reason: str) -> None:
+        self.spaces.freeze(lay, reason)
+
+    def expandable(self, size: int) -> int:
+        return self.spaces.new(size, expandable=True)
+
+    def param(self, qualname: str, modes: list[str | None]) -> list[Layout]:
+        """The layouts of a parameter or buffer's dims (shared by every use of the tensor)."""
+        info = self.result.params.get(qualname)
+        if info is None:
+            tensor = self._tensor_attr(qualname)
+            info = ParamInfo(self.fresh(tensor.shape), list(modes) + [None] * (tensor.dim() - len(modes)))
+            self.result.params[qualname] = info
+        else:
+            for d, m in enumerate(modes):
+                if m is not None and info.modes[d] not in (None, m):
+                    self.freeze(info.layouts[d], f"tensor {qualname} used both as copied and as shared")
+                info.modes[d] = info.modes[d] or m
+        return info.layouts
+
+    def _tensor_attr(self, qualname: str) -> torch.Tensor:
+        owner, _, name = qualname.rpartition(".")
+        mod = self.gm.get_submodule(owner) if owner else self.gm
+        t = getattr(mod, name)
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{qualname} is not a tensor")
+        return t
+
+    def on_build_module(self, hook: Callable[[nn.Module, Callable[[Layout], int]], None]) -> None:
+        assert self.node is not None
+        self.result.module_hooks[str(self.node.target)] = hook
+
+    def on_build_node(self, hook: Callable[[fx.Node, Callable[[Layout], int]], None]) -> None:
+        assert self.node is not None
+        self.result.node_hooks[self.node.name] = hook
+
+    def unsupported(self, what: str) -> Dims:
+        """Freeze every dimension the op touches and give its outputs fresh frozen dims."""
+        reason = f"unsupported op {what}"
+        self.result.unsupported[self.where] = what
+        for t in self.tensor_args():
+            for lay in self.dims(t):
+                self.freeze(lay, reason)
+        return self.fresh_like(self.spec(self.node), frozen=reason)
+
+    def fresh_like(self, spec: Any, *, frozen: str | None = None) -> Dims:
+        if isinstance(spec, TensorSpec):
+            return self.fresh(spec.shape, frozen=frozen)
+        if isinstance(spec, (tuple, list)):
+            return tuple(self.fresh_like(s, frozen=frozen) for s in spec)
+        return None
+
+
+def describe(node: fx.Node, gm: fx.GraphModule) -> str:
+    if node.op == "call_module":
+        return f"{type(gm.get_submodule(node.target)).__name__} ({node.target})"  # type: ignore[arg-type]
+    if node.op == "call_function":
+        t = node.target
+        return f"{getattr(t, '__module__', '') or ''}.{getattr(t, '__name__', str(t))}".lstrip(".")
+    return f"{node.op} {node.target}"
+
+
+def analyse(gm: fx.GraphModule) -> Analysis:
+    """Relate every dimension of ``gm`` (already shape-propagated) through the rule registry."""
+    from .rules import lookup
+
+    ctx = Ctx(gm)
+    for node in gm.graph.nodes:
+        ctx.node = node
+        if node.op == "placeholder":
+            out = ctx.fresh_like(ctx.spec(node), frozen=f"{BOUNDARY}: input {node.name}")
+        elif node.op == "output":
+            for t in ctx.tensor_args():
+                for lay in ctx.dims(t):
+                    ctx.freeze(lay, f"{BOUNDARY}: output")
+            continue
+        elif not ctx.tensor_args() and not _has_tensor(ctx.spec(node)) and node.op != "get_attr":
+            out = None  # arithmetic on sizes and other plain values
+        else:
+            rule = lookup(node, gm)
+            out = rule(ctx) if rule is not None else ctx.unsupported(describe(node, gm))
+        ctx.result.dims[node.name] = out
+    ctx.node = None
+    return ctx.result
+
+
+def _has_tensor(spec: Any) -> bool:
+    if isinstance(spec, TensorSpec):
+        return True
+    if isinstance(spec, (tuple, list)):
+        return any(_has_tensor(s) for s in spec)
+    return False
+
+
+def frozen_report(spaces: Spaces) -> list[dict[str, Any]]:
+    """Expandable spaces that something froze, with the reason; graph boundaries separately flagged."""
+    out = []
+    for i in range(len(spaces.parent)):
+        if spaces.find(i) != i or i in spaces.definition:
+            continue
+        if spaces.expandable[i] and spaces.frozen[i] is not None and spaces.size[i] > 1:
+            reason = spaces.frozen[i]
+            out.append({"size": spaces.size[i], "reason": reason, "boundary": reason.startswith(BOUNDARY)})
+    return out

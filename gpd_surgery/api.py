@@ -1,0 +1,92 @@
+"""The Python API: the same operations as the CLI, on modules and files."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .collapse import collapse
+from .expand import Student, build_teacher, check_ratio, expand_tensors, make_plan, prepare, student_state
+from .io import load_teacher_file, save_teacher
+from .maps import Maps
+from .plan import Plan
+from .verify import Report, verify as _verify
+
+
+@dataclass
+class Expanded:
+    """A teacher made by inverse reparameterization: its plan, its file's tensors, and the traced student."""
+
+    plan: Plan
+    tensors: dict[str, torch.Tensor]
+    student: Student
+    maps: Maps
+    seconds: float
+
+    def teacher(self) -> fx.GraphModule:
+        return build_teacher(self.student, self.maps, self.tensors)
+
+    def save(self, path: str) -> None:
+        save_teacher(path, self.plan, self.tensors)
+
+    def summary(self) -> dict[str, Any]:
+        return summarize(self.plan, self.tensors, self.seconds)
+
+
+def expand(model: nn.Module, input_shape: tuple[int, ...], ratio: float = 2.0, *, seed: int = 0,
+           equal_shares: bool = False, source: dict[str, Any] | None = None) -> Expanded:
+    """Widen ``model`` by ``ratio`` so that the teacher computes exactly the student's function."""
+    ratio = check_ratio(ratio)
+    t0 = time.perf_counter()
+    model = model.eval()
+    student = prepare(model, tuple(input_shape))
+    source = {"input_shape": list(input_shape), **(source or {})}
+    plan, maps = make_plan(student, model, ratio, seed, equal_shares, source)
+    with torch.no_grad():
+        tensors = expand_tensors(plan, student_state(model), maps)
+    return Expanded(plan, tensors, student, maps, time.perf_counter() - t0)
+
+
+def extract(path: str) -> dict[str, torch.Tensor]:
+    """The student's state dict collapsed from a teacher file (no model code involved)."""
+    plan, tensors = load_teacher_file(path)
+    with torch.no_grad():
+        return {k: v.contiguous() for k, v in collapse(plan, tensors).items()}
+
+
+def verify(model: nn.Module, path: str, input_shape: tuple[int, ...] | None = None, device: str | None = None,
+           n_inputs: int = 3) -> Report:
+    plan, tensors = load_teacher_file(path)
+    return _verify(model, plan, tensors, input_shape, device, n_inputs)
+
+
+def summarize(plan: Plan, tensors: dict[str, torch.Tensor], seconds: float | None = None) -> dict[str, Any]:
+    params = [r for r in plan.recipes if r.kind == "param"]
+    used = [r for r in params if r.dims]
+    student = sum(_numel(r.shape) for r in params)
+    teacher = sum(tensors[r.key].numel() for r in params)
+    out = {
+        "ratio": plan.ratio,
+        "student_params": student,
+        "teacher_params": teacher,
+        "param_ratio": teacher / student if student else 1.0,
+        "widened_tensors": len(used),
+        "spaces_expanded": plan.report.get("expanded", 0),
+        "spaces_frozen": len(plan.report.get("frozen", [])),
+        "frozen": plan.report.get("frozen", []),
+        "unsupported_ops": plan.report.get("unsupported", []),
+    }
+    if seconds is not None:
+        out["seconds"] = round(seconds, 3)
+    return out
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n

@@ -1,0 +1,229 @@
+"""Inverse reparameterization: from a student and its analysis to a plan, teacher tensors and a teacher module."""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .analyse import Analysis, analyse, frozen_report
+from .errors import GPDError
+from .maps import Maps, leaf_src
+from .plan import DTYPE_NAMES, STUDENT_PREFIX, Plan, Recipe
+from .trace import propagate, trace
+
+
+def check_ratio(ratio: float) -> float:
+    try:
+        r = float(ratio)
+    except (TypeError, ValueError):
+        raise GPDError(f"ratio {ratio!r} is not a number") from None
+    if not math.isfinite(r) or r < 1:
+        raise GPDError(f"ratio must be a finite number >= 1, got {ratio}")
+    return r
+
+
+def analysis_maps(analysis: Analysis, ratio: float, seed: int) -> Maps:
+    spaces = analysis.spaces
+
+    def make_leaf(i: int) -> tuple[int, torch.Tensor | None]:
+        size = spaces.size[i]
+        return size, (leaf_src(size, ratio, seed, i) if spaces.is_expanded(i) and ratio > 1 else None)
+
+    return Maps({}, spaces.resolve, make_leaf)
+
+
+@dataclass
+class Student:
+    """A traced, shape-propagated and analysed student."""
+
+    gm: fx.GraphModule
+    analysis: Analysis
+    input_shape: tuple[int, ...]
+
+
+def prepare(model: nn.Module, input_shape: tuple[int, ...]) -> Student:
+    gm = trace(model)
+    param = next(iter(model.parameters()), None)
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    propagate(gm, torch.randn(input_shape, dtype=dtype))
+    return Student(gm, analyse(gm), tuple(input_shape))
+
+
+def make_plan(
+    student: Student, model: nn.Module, ratio: float, seed: int, equal_shares: bool, source: dict[str, Any],
+) -> tuple[Plan, Maps]:
+    """One recipe per entry of ``model.state_dict()``; the widened dims of those the graph uses."""
+    analysis = student.analysis
+    maps = analysis_maps(analysis, ratio, seed)
+    state = student_state(model)
+    in_graph = set(student.gm.state_dict().keys())
+    params = {k for k, _ in model.named_parameters(remove_duplicate=False)}
+    recipes: list[Recipe] = []
+    used: set[int] = set()
+    for key, t in state.items():
+        info = analysis.params.get(key)
+        dims = []
+        if info is not None and key in in_graph:
+            for d, (lay, mode) in enumerate(zip(info.layouts, info.modes)):
+                lay = maps.resolve(lay)
+                if maps.src(lay) is not None:
+                    dims.append((d, lay, mode or "copy"))
+                    used.update(analysis.spaces.leaves(lay))
+        kind = "param" if key in params else "buffer"
+        recipes.append(Recipe(key, kind, tuple(t.shape), DTYPE_NAMES[t.dtype], key in in_graph or kind == "param", dims))
+    frozen = frozen_report(analysis.spaces)
+    report = {
+        "frozen": [f for f in frozen if not f["boundary"] and not f["reason"].startswith("by design")],
+        "boundary": sum(1 for f in frozen if f["boundary"]),
+        "expanded": sum(1 for i in used if maps.leaf(i)[1] is not None),
+        "unsupported": sorted(set(analysis.unsupported.values())),
+    }
+    leaves = {i: maps.leaf(i) for i in sorted(used)}
+    return Plan(ratio, seed, equal_shares, source, leaves, recipes, report), maps
+
+
+def expand_tensor(t: torch.Tensor, recipe: Recipe, maps: Maps, generator_seed: int | None) -> torch.Tensor:
+    """Index every widened dim by its source map; divide dense inputs among their copies."""
+    out = t
+    for d, lay, mode in recipe.dims:
+        src = maps.src(lay).to(out.device)
+        if mode == "share" and out.is_floating_point():
+            g = None if generator_seed is None else torch.Generator().manual_seed(generator_seed + d)
+            out = split_among_copies(out, d, src, g)
+        else:
+            out = out.index_select(d, src)
+    return out if out is not t else t.clone()
+
+
+def split_among_copies(t: torch.Tensor, d: int, src: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
+    """Widen dim ``d`` so that the copies of each entry sum to it *exactly* in ``t``'s own dtype.
+
+    Copies are filled rank by rank: a copy takes a fraction f of what remains (f in [1/2, 1],
+    random unless equal shares are asked for) and the last copy takes the rest. Since the part taken
+    lies in [R/2, R], ``R - part`` is exact (Sterbenz), so the copies add up to the student's weight
+    with no rounding, and a float32 teacher verifies to float64 precision. Equal shares are exact
+    when every channel has a power-of-two number of copies.
+    """
+    size = t.shape[d]
+    count = torch.bincount(src, minlength=size)
+    order = torch.argsort(src, stable=True)
+    starts = torch.cumsum(count, 0) - count
+    rank = torch.empty_like(src)
+    rank[order] = torch.arange(len(src), device=src.device) - starts[src[order]]
+    left = count[src] - rank  # copies still to fill, this one included
+    if g is None:
+        frac = 1.0 / left.double()
+    else:
+        frac = torch.where(left > 1, 0.5 + 0.5 * torch.rand(len(src), generator=g, dtype=torch.float64), 1.0)
+    out = t.new_empty(t.shape[:d] + (len(src),) + t.shape[d + 1 :])
+    rest = t.clone()
+    view = [1] * t.dim()
+    view[d] = -1
+    for k in range(int(count.max())):
+        cols = (rank == k).nonzero().squeeze(1)
+        ch = src[cols]
+        part = rest.index_select(d, ch) * frac[cols].to(t.dtype).view(view)
+        out.index_copy_(d, cols, part)
+        rest.index_add_(d, ch, part, alpha=-1)
+    return out
+
+
+def expand_tensors(plan: Plan, state: dict[str, torch.Tensor], maps: Maps | None = None) -> dict[str, torch.Tensor]:
+    """The teacher file's tensors: teacher parameters and buffers, and the student's own buffers."""
+    maps = maps or plan.maps
+    out: dict[str, torch.Tensor] = {}
+    for i, r in enumerate(plan.recipes):
+        t = state[r.key].detach()
+        if r.teacher:
+            seed = None if plan.equal_shares else plan.seed * 7919 + 31 * i
+            out[r.key] = expand_tensor(t, r, maps, seed).contiguous()
+        if r.kind == "buffer":
+            out[STUDENT_PREFIX + r.key] = t.clone().contiguous()
+    return out
+
+
+def build_teacher(student: Student, maps: Maps, tensors: dict[str, torch.Tensor]) -> fx.GraphModule:
+    """A GraphModule computing the teacher: the student's graph over widened modules, with rewritten shapes."""
+    gm, analysis = student.gm, student.analysis
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    graph.output(graph.graph_copy(gm.graph, env))
+    root = nn.Module()
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            target = str(node.target)
+            if _has_attr(root, target):
+                continue
+            mod = _clone(gm.get_submodule(target), target + ".", tensors)
+            hook = analysis.module_hooks.get(target)
+            if hook is not None:
+                hook(mod, maps.tsize)
+            _install(root, target, mod)
+        elif node.op == "get_attr":
+            target = str(node.target)
+            if _has_attr(root, target) or not isinstance(getattr_path(gm, target), torch.Tensor):
+                if not _has_attr(root, target):
+                    _install(root, target, copy.copy(getattr_path(gm, target)))
+                continue
+            orig = getattr_path(gm, target)
+            t = tensors.get(target, orig)
+            _install(root, target, nn.Parameter(t, orig.requires_grad) if isinstance(orig, nn.Parameter) else t)
+    for old, new in env.items():
+        hook = analysis.node_hooks.get(old.name)
+        if hook is not None:
+            hook(new, maps.tsize)
+    graph.lint()
+    return fx.GraphModule(root, graph, "Teacher")
+
+
+def getattr_path(obj: Any, path: str) -> Any:
+    for p in path.split("."):
+        obj = getattr(obj, p)
+    return obj
+
+
+def _has_attr(root: nn.Module, path: str) -> bool:
+    try:
+        getattr_path(root, path)
+        return True
+    except AttributeError:
+        return False
+
+
+def _install(root: nn.Module, path: str, value: Any) -> None:
+    *owners, name = path.split(".")
+    mod = root
+    for o in owners:
+        if not hasattr(mod, o):
+            mod.add_module(o, nn.Module())
+        mod = getattr(mod, o)
+    if isinstance(value, nn.Module):
+        mod.add_module(name, value)
+    elif isinstance(value, nn.Parameter):
+        mod.register_parameter(name, value)
+    elif isinstance(value, torch.Tensor):
+        mod.register_buffer(name, value)
+    else:
+        setattr(mod, name, value)
+
+
+def _clone(m: nn.Module, prefix: str, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """A shallow copy of ``m`` whose tensors are the teacher's (same names), children cloned likewise."""
+    t = copy.copy(m)
+    t._parameters = {
+        n: None if p is None else nn.Parameter(tensors.get(prefix + n, p), p.requires_grad)
+        for n, p in m._parameters.items()
+    }
+    t._buffers = {n: None if b is None else tensors.get(prefix + n, b) for n, b in m._buffers.items()}
+    t._non_persistent_buffers_set = set(m._non_persistent_buffers_set)
+    t._modules = {n: None if c is None else _clone(c, f"{prefix}{n}.", tensors) for n, c in m._modules.items()}
+    return t
+
+
+def student_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach() for k, v in model.state_dict(keep_vars=True).items()}

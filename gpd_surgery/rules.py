@@ -1,0 +1,494 @@
+"""The registry of op rules.
+
+A rule is keyed by a module type, a function or a method name. Given the
+:class:`~gpd_surgery.analyse.Ctx` of one node it (a) relates the dimensions of
+the node's inputs, outputs and parameters (``ctx.unify``, ``ctx.param``), (b)
+registers how to build the teacher's module or rewrite the teacher's node from
+the teacher sizes (``ctx.on_build_module``, ``ctx.on_build_node``) and (c) says,
+through the parameter modes, how each parameter collapses (``copy`` dims take
+the canonical copy, ``share`` dims sum over copies).
+
+Adding support for an op means adding one function here.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from .analyse import Ctx, Dims
+from .layout import Cat, Layout, Prod
+
+Rule = Callable[[Ctx], Dims]
+RULES: dict[Any, Rule] = {}
+
+BY_DESIGN = "by design"  # prefix of deliberate freezes (channels within a group, head_dim): not a loss
+
+
+def register(*keys: Any) -> Callable[[Rule], Rule]:
+    def deco(fn: Rule) -> Rule:
+        for k in keys:
+            RULES[k] = fn
+        return fn
+
+    return deco
+
+
+def lookup(node: fx.Node, gm: fx.GraphModule) -> Rule | None:
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)  # type: ignore[arg-type]
+        for base in type(mod).__mro__:
+            if base in RULES:
+                # A subclass that overrides forward computes something else: not ours to guess.
+                if base is type(mod) or type(mod).forward is base.forward:
+                    return RULES[base]
+                return None
+        return None
+    if node.op == "call_function":
+        return RULES.get(node.target)
+    if node.op == "call_method":
+        return RULES.get(str(node.target))
+    if node.op == "get_attr":
+        return RULES.get("get_attr")
+    return None
+
+
+def _dim(d: int, ndim: int) -> int:
+    return d + ndim if d < 0 else d
+
+
+def _first(ctx: Ctx) -> fx.Node:
+    return ctx.tensor_args()[0]
+
+
+# -- values that carry no channel semantics ---------------------------------------
+@register("size", "dim", "numel", "get_device", getattr)
+def introspection(ctx: Ctx) -> Dims:
+    # The teacher reads its own sizes; reshape rules rewrite any size that must change.
+    return None
+
+
+@register("get_attr")
+def get_attr(ctx: Ctx) -> Dims:
+    if not ctx.is_tensor(ctx.node):
+        return ctx.unsupported(f"attribute {ctx.node.target}")
+    return list(ctx.param(str(ctx.node.target), []))
+
+
+# -- elementwise --------------------------------------------------------------------
+UNARY_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
+    nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.Identity, nn.Dropout, nn.Dropout1d,
+    nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid,
+)
+UNARY_FUNCTIONS = (
+    F.relu, F.relu_, F.relu6, F.leaky_relu, F.silu, F.gelu, F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh,
+    F.elu, F.selu, F.celu, F.mish, F.softplus, F.hardtanh, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
+    F.alpha_dropout, torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.log, torch.sqrt, torch.rsqrt,
+    torch.abs, torch.neg, torch.clamp, torch.erf, torch.square, torch.reciprocal, operator.neg, F.logsigmoid,
+)
+UNARY_METHODS = (
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "contiguous", "clone", "detach", "float",
+    "double", "half", "bfloat16", "to", "type_as", "exp", "log", "sqrt", "rsqrt", "abs", "neg", "clamp",
+    "clamp_", "clamp_min", "clamp_max", "pow", "square", "erf", "reciprocal", "sign", "requires_grad_",
+)
+
+
+@register(*UNARY_MODULES, *UNARY_FUNCTIONS, *UNARY_METHODS)
+def unary(ctx: Ctx) -> Dims:
+    x = _first(ctx)
+    if ctx.shape(x) != ctx.shape(ctx.node):
+        return broadcast(ctx)
+    return list(ctx.dims(x))
+
+
+BINARY = (
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub, operator.imul,
+    operator.itruediv, torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum, torch.where,
+    "add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_", "maximum", "minimum", "masked_fill",
+)
+
+
+@register(*BINARY)
+def broadcast(ctx: Ctx) -> Dims:
+    """Elementwise with broadcasting: any elementwise op preserves copy semantics as it is."""
+    out_shape = ctx.shape(ctx.node)
+    out: list[Layout | None] = [None] * len(out_shape)
+    for t in ctx.tensor_args():
+        shape, dims = ctx.shape(t), ctx.dims(t)
+        for k in range(1, len(shape) + 1):
+            if shape[-k] != out_shape[-k]:
+                continue  # a size-1 dim broadcast over the output's
+            if out[-k] is None:
+                out[-k] = dims[-k]
+            else:
+                ctx.unify(out[-k], dims[-k])  # type: ignore[arg-type]
+    fill = ctx.fresh(out_shape)
+    return [o if o is not None else f for o, f in zip(out, fill)]
+
+
+# -- parameterized layers ---------------------------------------------------------------
+@register(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+def conv(ctx: Ctx) -> Dims:
+    """Dense convs share their input copies; grouped convs expand the number of groups."""
+    m: nn.Conv2d = ctx.module(ctx.node)  # type: ignore[assignment]
+    name = str(ctx.node.target)
+    x = _first(ctx)
+    xd = ctx.dims(x)
+    c = len(ctx.shape(x)) - len(m.kernel_size) - 1  # channel dim (0 when unbatched)
+    W = ctx.param(f"{name}.weight", ["copy", "share"])
+    if m.groups == 1:
+        groups: Layout | None = None
+        ctx.spaces.mark_expandable(W[0])
+        ctx.unify(xd[c], W[1])
+    else:
+        groups = ctx.expandable(m.groups)
+        ctx.freeze(W[1], f"{BY_DESIGN}: channels within a group")
+        ctx.unify(xd[c], Prod((groups, W[1])))
+        within = ctx.spaces.new(m.out_channels // m.groups, frozen=f"{BY_DESIGN}: channels within a group")
+        ctx.unify(W[0], Prod((groups, within)))
+    if m.bias is not None:
+        ctx.unify(ctx.param(f"{name}.bias", ["copy"])[0], W[0])
+
+    def build(t: nn.Module, size: Callable[[Layout], int]) -> None:
+        t.in_channels, t.out_channels = size(xd[c]), size(W[0])
+        t.groups = size(groups) if groups is not None else 1
+
+    ctx.on_build_module(build)
+    out_shape = ctx.shape(ctx.node)
+    return list(xd[:c]) + [W[0]] + ctx.fresh(out_shape[c + 1 :])
+
+
+@register(nn.Linear)
+def linear(ctx: Ctx) -> Dims:
+    name = str(ctx.node.target)
+    xd = ctx.dims(_first(ctx))
+    W = ctx.param(f"{name}.weight", ["copy", "share"])
+    ctx.spaces.mark_expandable(W[0])
+    ctx.unify(xd[-1], W[1])
+    if ctx.module(ctx.node).bias is not None:
+        ctx.unify(ctx.param(f"{name}.bias", ["copy"])[0], W[0])
+
+    def build(t: nn.Module, size: Callable[[Layout], int]) -> None:
+        t.in_features, t.out_features = size(W[1]), size(W[0])
+
+    ctx.on_build_module(build)
+    return list(xd[:-1]) + [W[0]]
+
+
+def _per_channel(ctx: Ctx, channel: Layout, names: tuple[str, ...]) -> None:
+    m = ctx.module(ctx.node)
+    for n in names:
+        t = getattr(m, n, None)
+        if isinstance(t, torch.Tensor) and t.dim() == 1:
+            ctx.unify(ctx.param(f"{ctx.node.target}.{n}", ["copy"])[0], channel)
+        elif isinstance(t, torch.Tensor):
+            ctx.param(f"{ctx.node.target}.{n}", [])
+
+
+@register(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+def batch_norm(ctx: Ctx) -> Dims:
+    xd = ctx.dims(_first(ctx))
+    _per_channel(ctx, xd[1], ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"))
+
+    def build(t: nn.Module, size: Callable[[Layout], int]) -> None:
+        t.num_features = size(xd[1])
+
+    ctx.on_build_module(build)
+    return list(xd)
+
+
+@register(nn.GroupNorm)
+def group_norm(ctx: Ctx) -> Dims:
+    """Statistics run within a group: expanding the number of groups is exact at any ratio."""
+    m: nn.GroupNorm = ctx.module(ctx.node)  # type: ignore[assignment]
+    xd = ctx.dims(_first(ctx))
+    groups = ctx.expandable(m.num_groups)
+    within = ctx.spaces.new(m.num_channels // m.num_groups, frozen=f"{BY_DESIGN}: channels within a group")
+    ctx.unify(xd[1], Prod((groups, within)))
+    _per_channel(ctx, xd[1], ("weight", "bias"))
+
+    def build(t: nn.Module, size: Callable[[Layout], int]) -> None:
+        t.num_groups, t.num_channels = size(groups), size(xd[1])
+
+    ctx.on_build_module(build)
+    return list(xd)
+
+
+@register(nn.PReLU)
+def prelu(ctx: Ctx) -> Dims:
+    m: nn.PReLU = ctx.module(ctx.node)  # type: ignore[assignment]
+    xd = ctx.dims(_first(ctx))
+    channel = xd[1] if len(xd) >= 2 else xd[0]
+    if m.num_parameters > 1:
+        _per_channel(ctx, channel, ("weight",))
+    else:
+        ctx.param(f"{ctx.node.target}.weight", [])
+
+    def build(t: nn.Module, size: Callable[[Layout], int]) -> None:
+        t.num_parameters = size(channel) if m.num_parameters > 1 else 1
+
+    ctx.on_build_module(build)
+    return list(xd)
+
+
+# -- spatial ops: channels pass through, spatial dims are new -----------------------------
+POOL_MODULES = {
+    nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3, nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3,
+    nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3, nn.AdaptiveMaxPool1d: 1,
+    nn.AdaptiveMaxPool2d: 2, nn.AdaptiveMaxPool3d: 3, nn.LPPool1d: 1, nn.LPPool2d: 2, nn.Upsample: 0,
+    nn.UpsamplingNearest2d: 2, nn.UpsamplingBilinear2d: 2,
+}
+POOL_FUNCTIONS = {
+    F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3, F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3,
+    F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2, F.adaptive_avg_pool3d: 3, F.adaptive_max_pool1d: 1,
+    F.adaptive_max_pool2d: 2, F.adaptive_max_pool3d: 3, F.interpolate: 0, torch.max_pool2d: 2,
+    torch.avg_pool1d: 1, torch.adaptive_avg_pool1d: 1,
+}
+
+
+@register(*POOL_MODULES, *POOL_FUNCTIONS)
+def pool(ctx: Ctx) -> Dims:
+    if not ctx.is_tensor(ctx.node):
+        return ctx.unsupported("pooling with indices")
+    xd = ctx.dims(_first(ctx))
+    out_shape = ctx.shape(ctx.node)
+    key = type(ctx.module(ctx.node)) if ctx.node.op == "call_module" else ctx.node.target
+    k = {**POOL_MODULES, **POOL_FUNCTIONS}[key] or len(out_shape) - 2  # interpolate: all but (N, C)
+    keep = len(out_shape) - k
+    return list(xd[:keep]) + ctx.fresh(out_shape[keep:])
+
+
+# -- reductions and normalizations over a dim -----------------------------------------------
+def _dims_arg(ctx: Ctx, ndim: int, i: int = 1, name: str = "dim") -> list[int]:
+    d = ctx.arg(i, name)
+    if d is None:
+        return list(range(ndim))
+    d = [d] if isinstance(d, int) else list(d)
+    return sorted(_dim(x, ndim) for x in d)
+
+
+@register(torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var, torch.logsumexp, torch.max,
+          torch.min, "mean", "sum", "amax", "amin", "std", "var", "logsumexp", "max", "min", "norm")
+def reduce(ctx: Ctx) -> Dims:
+    x = _first(ctx)
+    xd, n = ctx.dims(x), len(ctx.shape(x))
+    if len([a for a in ctx.tensor_args()]) > 1:
+        return broadcast(ctx)  # torch.max(a, b) is elementwise
+    reduced = _dims_arg(ctx, n, 2 if str(ctx.node.target) == "norm" else 1)
+    for d in reduced:
+        ctx.freeze(xd[d], f"reduction over a channel dimension ({ctx.node.target})")
+    keepdim = bool(ctx.arg(3 if str(ctx.node.target) == "norm" else 2, "keepdim", False))
+    out = [ctx.spaces.new(1) if d in reduced else lay for d, lay in enumerate(xd) if keepdim or d not in reduced]
+    spec = ctx.spec(ctx.node)
+    return (out, list(out)) if isinstance(spec, tuple) else out
+
+
+@register(F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax", nn.Softmax,
+          nn.LogSoftmax, torch.cumsum, "cumsum")
+def along_dim(ctx: Ctx) -> Dims:
+    """Normalizes or accumulates along one dim: that dim must keep its size."""
+    x = _first(ctx)
+    xd = ctx.dims(x)
+    if ctx.node.op == "call_module":
+        d = ctx.module(ctx.node).dim
+    else:
+        d = ctx.arg(1, "dim")
+    if d is None:
+        return ctx.unsupported(f"{ctx.node.target} without dim")
+    ctx.freeze(xd[_dim(d, len(xd))], f"normalization along a channel dimension ({ctx.node.target})")
+    return list(xd)
+
+
+# -- data movement ---------------------------------------------------------------------
+def _reshape_groups(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[int], list[int]]] | None:
+    """Split a reshape into groups of input and output dims with equal products."""
+    if 0 in a or 0 in b:
+        return None
+    groups: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    while i < len(a) and j < len(b):
+        gi, gj, pa, pb = [i], [j], a[i], b[j]
+        i, j = i + 1, j + 1
+        while pa != pb:
+            if pa < pb:
+                gi.append(i)
+                pa *= a[i]
+                i += 1
+            else:
+                gj.append(j)
+                pb *= b[j]
+                j += 1
+        groups.append((gi, gj))
+    if groups:  # trailing size-1 dims join the last group
+        groups[-1][0].extend(range(i, len(a)))
+        groups[-1][1].extend(range(j, len(b)))
+    else:
+        groups.append((list(range(len(a))), list(range(len(b)))))
+    return groups
+
+
+def _size_args(node: fx.Node) -> tuple[list[Any], bool]:
+    """The target shape of view/reshape/expand as a list, and whether it was passed as one sequence."""
+    rest = list(node.args[1:])
+    if "shape" in node.kwargs or "size" in node.kwargs:
+        return list(node.kwargs.get("shape", node.kwargs.get("size"))), True
+    if len(rest) == 1 and isinstance(rest[0], (tuple, list)):
+        return list(rest[0]), True
+    return rest, False
+
+
+@register("view", "reshape", torch.reshape, torch.flatten, "flatten", nn.Flatten, nn.Unflatten, torch.unflatten,
+          "unflatten", torch.squeeze, "squeeze", torch.unsqueeze, "unsqueeze", "view_as", "reshape_as")
+def reshape(ctx: Ctx) -> Dims:
+    x = _first(ctx)
+    a, b = ctx.shape(x), ctx.shape(ctx.node)
+    xd = ctx.dims(x)
+    groups = _reshape_groups(a, b)
+    if groups is None:
+        return ctx.unsupported(f"{ctx.node.target} of an empty tensor")
+    out: list[Layout] = [0] * len(b)
+    for gi, gj in groups:
+        if len(gi) == 1 and len(gj) == 1:
+            out[gj[0]] = xd[gi[0]]
+            continue
+        fresh = ctx.fresh([b[j] for j in gj])
+        ctx.unify(Prod(tuple(xd[i] for i in gi)), Prod(tuple(fresh)))
+        for j, f in zip(gj, fresh):
+            out[j] = f
+    if str(ctx.node.target) in ("view", "reshape") or ctx.node.target is torch.reshape:
+        def rewrite(n: fx.Node, size: Callable[[Layout], int]) -> None:
+            sizes, as_seq = _size_args(n)
+            new = [s if s == -1 or size(lay) == b[d] else size(lay) for d, (s, lay) in enumerate(zip(sizes, out))]
+            n.args = (n.args[0], tuple(new)) if as_seq or n.kwargs else (n.args[0], *new)
+            n.kwargs = {}
+
+        ctx.on_build_node(rewrite)
+    elif str(ctx.node.target) in ("view_as", "reshape_as"):
+        ctx.unify(Prod(tuple(out)), Prod(tuple(ctx.dims(ctx.tensor_args()[1]))))
+    return out
+
+
+@register("expand")
+def expand(ctx: Ctx) -> Dims:
+    x = _first(ctx)
+    xd, a, b = ctx.dims(x), ctx.shape(x), ctx.shape(ctx.node)
+    lead = len(b) - len(a)
+    out = ctx.fresh(b[:lead]) + [xd[i] if a[i] == b[lead + i] else ctx.spaces.new(b[lead + i]) for i in range(len(a))]
+    def rewrite(n: fx.Node, size: Callable[[Layout], int]) -> None:
+        sizes, as_seq = _size_args(n)
+        new = [s if s == -1 or size(lay) == b[d] else size(lay) for d, (s, lay) in enumerate(zip(sizes, out))]
+        n.args = (n.args[0], tuple(new)) if as_seq else (n.args[0], *new)
+        n.kwargs = {}
+
+    ctx.on_build_node(rewrite)
+    return out
+
+
+@register(torch.permute, "permute", torch.transpose, "transpose", torch.swapaxes, "swapaxes", "t", torch.t)
+def permute(ctx: Ctx) -> Dims:
+    xd = list(ctx.dims(_first(ctx)))
+    n = len(xd)
+    target = ctx.node.target
+    if target in ("t", torch.t):
+        order = list(range(n))[::-1]
+    elif target in (torch.transpose, "transpose", torch.swapaxes, "swapaxes"):
+        d0, d1 = _dim(ctx.arg(1, "dim0"), n), _dim(ctx.arg(2, "dim1"), n)
+        order = list(range(n))
+        order[d0], order[d1] = order[d1], order[d0]
+    else:
+        args = list(ctx.node.args[1:]) or [ctx.node.kwargs.get("dims")]
+        order = list(args[0]) if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
+        order = [_dim(d, n) for d in order]
+    return [xd[i] for i in order]
+
+
+@register(torch.cat, torch.concat, torch.concatenate)
+def cat(ctx: Ctx) -> Dims:
+    tensors = [t for t in ctx.arg(0, "tensors") if ctx.is_tensor(t)]
+    n = len(ctx.shape(ctx.node))
+    d = _dim(ctx.arg(1, "dim", 0), n)
+    first = ctx.dims(tensors[0])
+    for t in tensors[1:]:
+        for k, lay in enumerate(ctx.dims(t)):
+            if k != d:
+                ctx.unify(first[k], lay)
+    out = list(first)
+    out[d] = Cat(tuple(ctx.dims(t)[d] for t in tensors))
+    return out
+
+
+@register(torch.stack)
+def stack(ctx: Ctx) -> Dims:
+    tensors = [t for t in ctx.arg(0, "tensors") if ctx.is_tensor(t)]
+    n = len(ctx.shape(ctx.node))
+    d = _dim(ctx.arg(1, "dim", 0), n)
+    first = ctx.dims(tensors[0])
+    for t in tensors[1:]:
+        for a, b in zip(first, ctx.dims(t)):
+            ctx.unify(a, b)
+    new = ctx.spaces.new(len(tensors), frozen=f"{BY_DESIGN}: number of stacked tensors")
+    return list(first[:d]) + [new] + list(first[d:])
+
+
+@register(torch.chunk, "chunk", torch.split, "split", torch.tensor_split, "tensor_split", torch.unbind, "unbind")
+def split(ctx: Ctx) -> Dims:
+    x = _first(ctx)
+    xd = ctx.dims(x)
+    target = ctx.node.target
+    is_unbind = target in (torch.unbind, "unbind")
+    d = _dim(ctx.arg(1 if is_unbind else 2, "dim", 0), len(xd))
+    outs = ctx.spec(ctx.node)
+    pieces = [ctx.spaces.new(1 if is_unbind else s.shape[d]) for s in outs]
+    ctx.unify(xd[d], Cat(tuple(pieces)))
+    if is_unbind:
+        return tuple([lay for k, lay in enumerate(xd) if k != d] for _ in outs)
+
+    def rewrite(n: fx.Node, size: Callable[[Layout], int]) -> None:
+        n.target = "split" if n.op == "call_method" else torch.split
+        n.args, n.kwargs = (n.args[0], [size(p) for p in pieces]), {"dim": d}
+
+    ctx.on_build_node(rewrite)
+    return tuple(list(xd[:d]) + [p] + list(xd[d + 1 :]) for p in pieces)
+
+
+@register(operator.getitem)
+def getitem(ctx: Ctx) -> Dims:
+    src, idx = ctx.node.args[0], ctx.node.args[1]
+    if isinstance(src, fx.Node) and isinstance(ctx.spec(src), (tuple, list)):
+        return ctx.result.dims[src.name][idx]
+    if not ctx.is_tensor(src):
+        return ctx.unsupported("getitem")
+    xd = ctx.dims(src)
+    items = list(idx) if isinstance(idx, tuple) else [idx]
+    if any(isinstance(i, (fx.Node, list, torch.Tensor)) for i in items):
+        return ctx.unsupported("advanced indexing")
+    if Ellipsis in items:
+        k = items.index(Ellipsis)
+        items[k : k + 1] = [slice(None)] * (len(xd) - sum(i is not None for i in items if i is not Ellipsis))
+    out: list[Layout] = []
+    d = 0
+    for it in items:
+        if it is None:
+            out.append(ctx.spaces.new(1))
+            continue
+        if it == slice(None):
+            out.append(xd[d])
+        else:
+            ctx.freeze(xd[d], "indexing into a channel dimension")
+            if isinstance(it, slice):
+                out.append(ctx.spaces.new(ctx.shape(ctx.node)[len(out)]))
+        d += 1
+    return out + list(xd[d:])
+
+
+try:  # torchvision wraps stochastic depth for fx: it drops whole samples, so channels pass through
+    from torchvision.ops import stochastic_depth as _stochastic_depth
+
+    register(_stochastic_depth)(unary)
+except ImportError:  # pragma: no cover - torchvision is optional
+    pass

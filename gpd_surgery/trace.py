@@ -1,0 +1,206 @@
+"""Load a student from a MODEL spec, trace it with torch.fx and propagate shapes."""
+from __future__ import annotations
+
+import ast
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .errors import GPDError
+
+INIT_SEED = 0  # models are built under a fixed seed so that `verify` rebuilds the same random student
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def parse_model_args(items: Iterable[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs; values are Python literals when they parse as one, else strings."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise GPDError(f"--model-arg {item!r} is not KEY=VALUE")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(x) for x in text.replace("x", ",").split(","))
+    except ValueError:
+        raise GPDError(f"input shape {text!r} is not a comma-separated list of integers, e.g. 1,3,224,224") from None
+    if not shape or any(s <= 0 for s in shape):
+        raise GPDError(f"input shape {text!r} must have positive sizes")
+    return shape
+
+
+def load_model(spec: str, model_args: dict[str, Any] | None = None, *, trust_pickle: bool = False) -> nn.Module:
+    """Build the student named by ``spec`` (random init, eval mode, seeded)."""
+    model_args = dict(model_args or {})
+    torch.manual_seed(INIT_SEED)
+    if spec.endswith((".pt", ".pth")) and ":" not in os.path.basename(spec):
+        model = _load_pickled(spec, trust_pickle)
+    elif spec.startswith("torchvision:"):
+        model = _torchvision(spec.split(":", 1)[1], model_args)
+    elif spec.startswith("timm:"):
+        model = _timm(spec.split(":", 1)[1], model_args)
+    elif ":" in spec:
+        model = _factory(spec, model_args)
+    else:
+        raise GPDError(
+            f"unknown MODEL spec {spec!r}: use torchvision:NAME, timm:NAME, module.path:callable or a .pt/.pth file"
+        )
+    if not isinstance(model, nn.Module):
+        raise GPDError(f"{spec} did not give an nn.Module but a {type(model).__name__}")
+    return model.eval()
+
+
+def _torchvision(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    try:
+        import torchvision
+    except ImportError:
+        raise GPDError("torchvision is not installed: pip install 'gpd-surgery[vision]'") from None
+    if name not in torchvision.models.list_models():
+        raise GPDError(f"torchvision has no model {name!r} (see torchvision.models.list_models())")
+    if name in ("googlenet", "inception_v3"):
+        kwargs.setdefault("init_weights", True)  # silences the init warning; random weights either way
+    try:
+        return torchvision.models.get_model(name, weights=None, **kwargs)
+    except TypeError as e:
+        raise GPDError(f"torchvision:{name} rejected the model arguments: {e}") from None
+
+
+def _timm(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    try:
+        import timm
+    except ImportError:
+        raise GPDError("timm is not installed: pip install timm") from None
+    try:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    except RuntimeError as e:
+        raise GPDError(f"timm could not create {name!r}: {e}") from None
+
+
+def _factory(spec: str, kwargs: dict[str, Any]) -> nn.Module:
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise GPDError(f"cannot import {module_name!r} for MODEL spec {spec!r}: {e}") from None
+    factory = module
+    for part in attr.split("."):
+        factory = getattr(factory, part, None)
+        if factory is None:
+            raise GPDError(f"module {module_name!r} has no attribute {attr!r}")
+    if not callable(factory):
+        raise GPDError(f"{spec} is not callable")
+    try:
+        return factory(**kwargs)
+    except TypeError as e:
+        raise GPDError(f"{spec} rejected the model arguments {kwargs}: {e}") from None
+
+
+def _load_pickled(path: str, trust_pickle: bool) -> nn.Module:
+    if not os.path.isfile(path):
+        raise GPDError(f"model file {path} does not exist" if not os.path.exists(path) else f"{path} is not a file")
+    if not trust_pickle:
+        raise GPDError(
+            f"{path} is a pickled module: loading it runs code from the file. Pass --trust-pickle if you trust it"
+        )
+    try:
+        return torch.load(path, weights_only=False, map_location="cpu")
+    except Exception as e:  # unpickling can raise anything
+        raise GPDError(f"cannot unpickle {path}: {type(e).__name__}: {e}") from None
+
+
+def default_input_shape(spec: str) -> tuple[int, ...]:
+    return (1, 3, 299, 299) if spec.endswith("inception_v3") else (1, 3, 224, 224)
+
+
+# -- tracing -----------------------------------------------------------------
+def leaf_modules_and_wrapped(model: nn.Module) -> tuple[set[type], set]:
+    """Leaf module types and autowrapped functions registered by timm for fx, when timm is in use."""
+    try:
+        from timm.layers import _fx  # type: ignore[attr-defined]
+    except Exception:
+        return set(), set()
+    leaves = set(getattr(_fx, "_leaf_modules", set()))
+    wrapped = set(getattr(_fx, "_autowrap_functions", set()))
+    return leaves, wrapped
+
+
+class _Tracer(fx.Tracer):
+    def __init__(self, leaves: set[type], wrapped: set) -> None:
+        super().__init__(autowrap_functions=tuple(wrapped))
+        self._leaves = tuple(leaves)
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, nn.MultiheadAttention) or (self._leaves and isinstance(m, self._leaves)):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """Symbolically trace ``model``; an untraceable model is a user error naming where fx stopped."""
+    tracer = _Tracer(*leaf_modules_and_wrapped(model))
+    try:
+        graph = tracer.trace(model)
+    except Exception as e:
+        where = _user_frame(e)
+        raise GPDError(
+            f"torch.fx cannot trace {type(model).__name__}{where}: {type(e).__name__}: {str(e).splitlines()[0]} "
+            "(make the control flow static, or register the module as a leaf)"
+        ) from None
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _user_frame(e: BaseException) -> str:
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if "/torch/" not in f.filename]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" at {f.filename}:{f.lineno} ({(f.line or '').strip()})"
+
+
+class ShapeProp(fx.Interpreter):
+    """Run the graph once and record, per node, a TensorSpec (or nested tuple of them, or the plain value)."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        n.meta["gpd_spec"] = _spec(out)
+        return out
+
+
+def _spec(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return TensorSpec(tuple(v.shape), v.dtype)
+    if isinstance(v, (tuple, list)):
+        return type(v)(_spec(x) for x in v) if not hasattr(v, "_fields") else tuple(_spec(x) for x in v)
+    if isinstance(v, torch.Size):
+        return tuple(v)
+    return v
+
+
+def propagate(gm: fx.GraphModule, example: torch.Tensor) -> None:
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).run(example)
+    except Exception as e:
+        raise GPDError(
+            f"the model rejects an input of shape {tuple(example.shape)}: {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''} (use --input-shape)"
+        ) from None

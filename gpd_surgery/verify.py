@@ -1,0 +1,188 @@
+"""Numerical equivalence of a teacher and its student, and where they part when they do."""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .analyse import describe
+from .errors import GPDError
+from .expand import Student, build_teacher, make_plan, prepare
+from .maps import Maps
+from .plan import Plan
+
+TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+
+@dataclass
+class Check:
+    device: str
+    dtype: str
+    max_abs: float
+    max_rel: float
+    tolerance: float
+    passed: bool
+
+
+@dataclass
+class Report:
+    checks: list[Check]
+    divergence: dict[str, Any] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "checks": [asdict(c) for c in self.checks], "divergence": self.divergence,
+                "timings": self.timings}
+
+
+def devices(choice: str | None) -> list[str]:
+    if choice is None:
+        return ["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"]
+    if choice not in ("cpu", "cuda"):
+        raise GPDError(f"--device must be cpu or cuda, not {choice!r}")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise GPDError("--device cuda asked for, but no CUDA device is available")
+    return [choice]
+
+
+def rebuild(model: nn.Module, plan: Plan, tensors: dict[str, torch.Tensor], input_shape: tuple[int, ...]
+            ) -> tuple[Student, Maps, fx.GraphModule]:
+    """Trace the student again and check that it is the architecture the plan was made from."""
+    student = prepare(model, input_shape)
+    again, maps = make_plan(student, model, plan.ratio, plan.seed, plan.equal_shares, plan.source)
+    mine, theirs = _structure(again), _structure(plan)
+    if mine != theirs:
+        raise GPDError(f"the teacher was not made from this model ({_first_difference(mine, theirs)})")
+    return student, maps, build_teacher(student, maps, tensors)
+
+
+def _structure(plan: Plan) -> dict[str, Any]:
+    obj = json.loads(plan.to_json())
+    return {"spaces": obj["spaces"], "tensors": obj["tensors"]}
+
+
+def _first_difference(mine: dict[str, Any], theirs: dict[str, Any]) -> str:
+    a = {t["key"]: t for t in mine["tensors"]}
+    b = {t["key"]: t for t in theirs["tensors"]}
+    for k in a:
+        if k not in b:
+            return f"the model has {k}, the teacher does not"
+    for k in b:
+        if k not in a:
+            return f"the teacher has {k}, the model does not"
+    for k in a:
+        if a[k] != b[k]:
+            return f"{k} is {a[k]['shape']} widened as {a[k]['dims']} in the model, {b[k]['shape']} as {b[k]['dims']} in the teacher"
+    return "the channel spaces differ"
+
+
+def _outputs(y: Any) -> list[torch.Tensor]:
+    if isinstance(y, torch.Tensor):
+        return [y]
+    if isinstance(y, dict):
+        return [t for v in y.values() for t in _outputs(v)]
+    if isinstance(y, (tuple, list)):
+        return [t for v in y for t in _outputs(v)]
+    return []
+
+
+def compare(student: nn.Module, teacher: nn.Module, inputs: Iterable[torch.Tensor], device: str,
+            dtype: torch.dtype) -> Check:
+    s = copy.deepcopy(student).to(device=device, dtype=dtype).eval()
+    t = copy.deepcopy(teacher).to(device=device, dtype=dtype).eval()
+    max_abs, scale = 0.0, 0.0
+    with torch.no_grad(), _no_tf32():
+        for x in inputs:
+            x = x.to(device=device, dtype=dtype)
+            for ys, yt in zip(_outputs(s(x)), _outputs(t(x)), strict=True):
+                max_abs = max(max_abs, (ys - yt).abs().max().item())
+                scale = max(scale, ys.abs().max().item())
+    rel = max_abs / scale if scale > 0 else max_abs
+    tol = TOLERANCE[dtype]
+    ok = rel <= tol and rel == rel
+    return Check(device, str(dtype).replace("torch.", ""), max_abs, rel, tol, ok)
+
+
+class _no_tf32:
+    """TF32 would round matmuls to 10 bits of mantissa on CUDA and hide real differences."""
+
+    def __enter__(self) -> None:
+        self.saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+    def __exit__(self, *exc: Any) -> None:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.values: list[tuple[fx.Node, Any]] = []
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        self.values.append((n, out))
+        return out
+
+
+def localize(student: Student, maps: Maps, teacher: fx.GraphModule, x: torch.Tensor,
+             tol: float = TOLERANCE[torch.float64]) -> dict[str, Any] | None:
+    """The first node whose teacher activation is not the student's, copied through the maps (float64, CPU)."""
+    s_gm = copy.deepcopy(student.gm).double().eval()
+    t_gm = copy.deepcopy(teacher).double().eval()
+    rs, rt = _Recorder(s_gm), _Recorder(t_gm)
+    with torch.no_grad():
+        rs.run(x.double().cpu())
+        rt.run(x.double().cpu())
+    for (ns, vs), (nt, vt) in zip(rs.values, rt.values):
+        dims = student.analysis.dims.get(ns.name)
+        if not isinstance(vs, torch.Tensor) or not isinstance(dims, list) or not vs.is_floating_point():
+            continue
+        expected = vs
+        for d, lay in enumerate(dims):
+            src = maps.src(lay)
+            if src is not None:
+                expected = expected.index_select(d, src)
+        where = {"node": ns.name, "op": describe(ns, student.gm)}
+        if not isinstance(vt, torch.Tensor) or vt.shape != expected.shape:
+            return {**where, "error": "shape", "detail": f"teacher {tuple(getattr(vt, 'shape', ()))}, "
+                                                           f"expected {tuple(expected.shape)}"}
+        scale = vs.abs().max().item() or 1.0
+        rel = (vt - expected).abs().max().item() / scale
+        if not rel <= tol:
+            return {**where, "error": "value", "max_rel": rel}
+    return None
+
+
+def verify(model: nn.Module, plan: Plan, tensors: dict[str, torch.Tensor], input_shape: tuple[int, ...] | None = None,
+           device: str | None = None, n_inputs: int = 3, seed: int = 0) -> Report:
+    """Compare the student ``model`` with the teacher rebuilt from ``plan`` and ``tensors``."""
+    import time
+
+    shape = tuple(input_shape or plan.source.get("input_shape") or ())
+    if not shape:
+        raise GPDError("the plan records no input shape: pass --input-shape")
+    t0 = time.perf_counter()
+    student, maps, teacher = rebuild(model, plan, tensors, shape)
+    t1 = time.perf_counter()
+    g = torch.Generator().manual_seed(seed)
+    inputs = [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(n_inputs)]
+    checks = [compare(model, teacher, inputs, dev, dt) for dev in devices(device)
+              for dt in (torch.float32, torch.float64)]
+    report = Report(checks)
+    if not report.passed:
+        failed = next(c for c in checks if not c.passed)
+        tol = TOLERANCE[torch.float64] if failed.dtype == "float64" else 1e-6
+        report.divergence = localize(student, maps, teacher, inputs[0], tol)
+    report.timings = {"rebuild_s": t1 - t0, "compare_s": time.perf_counter() - t1}
+    return report
