@@ -1,0 +1,32 @@
+# Quick start: `make demo` then `make test`. Everything installs into .venv from nothing.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+GPD    := $(VENV)/bin/gpd
+DEMO   := build/demo
+MODEL  := gpd_surgery.examples:small_cnn
+
+.PHONY: install demo test test-fast clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	mkdir -p $(DEMO)
+	$(GPD) expand $(MODEL) --input-shape 1,3,32,32 --ratio 2 -o $(DEMO)/teacher.safetensors --force
+	$(GPD) verify $(MODEL) $(DEMO)/teacher.safetensors
+	$(GPD) extract $(DEMO)/teacher.safetensors -o $(DEMO)/student.safetensors --force
+
+# pytest exits 5 when it collects nothing: that is not a failure of the suite.
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
+
+test-fast: install
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
+
+clean:
+	rm -rf build .pytest_cache .hypothesis
