@@ -1,0 +1,460 @@
+"""One small hand-made student per rule: the teacher is exact, collapse gives the student back, and it widened."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gpd_surgery import collapse, expand
+from gpd_surgery.verify import verify
+
+CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny tensors: thread hand-offs cost far more than the arithmetic on a shared 2-core runner.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class Fn(nn.Module):
+    """A traced-through wrapper around a function, so that fx records call_function / call_method nodes."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random weights, biases and BatchNorm statistics (positive variances): zeros must never hide a bug."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if not t.is_floating_point():
+                continue
+            r = torch.randn(t.shape, generator=g, dtype=torch.float64)
+            if name.endswith("running_var"):
+                r = r.abs() + 0.5
+            elif t.dim() >= 2:
+                r = r / math.sqrt(t[0].numel())
+            t.copy_(r)
+    return model.eval()
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def check(model: nn.Module, shape: tuple[int, ...], ratio: float = 2, seed: int = 0, *, wider: bool = True,
+          unsupported: bool = False, frozen_ok: bool = False):
+    """Expand ``model`` and check exactness (float64), collapse round trip and that it actually widened."""
+    model = _randomize(model, seed)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    res = expand(model, shape, ratio=ratio, seed=seed)
+    teacher = res.teacher().double().eval()
+    student = copy.deepcopy(model).double().eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for _ in range(2):
+            x = torch.randn(shape, generator=g, dtype=torch.float64)
+            ys, yt = student(x), teacher(x)
+            assert yt.shape == ys.shape  # the graph output keeps its size
+            assert _rel(yt, ys) <= 1e-10
+    back = collapse(res.plan, res.tensors)
+    assert back.keys() == state.keys()
+    for k, v in state.items():
+        assert back[k].shape == v.shape and back[k].dtype == v.dtype, k
+        assert (back[k].double() - v.double()).abs().max().item() <= 1e-6, k
+        assert torch.equal(model.state_dict()[k], v), f"expand modified the student's {k}"
+    s = res.summary()
+    assert bool(s["unsupported_ops"]) == unsupported, s["unsupported_ops"]
+    if not (unsupported or frozen_ok):
+        assert s["spaces_frozen"] == 0, s["frozen"]
+    if wider:
+        assert s["teacher_params"] > s["student_params"] and s["spaces_expanded"] >= 1
+    return res
+
+
+def tshape(res, key: str) -> tuple[int, ...]:
+    return tuple(res.tensors[key].shape)
+
+
+def w(c: int, r: float) -> int:
+    return max(c, int(math.floor(r * c + 0.5)))
+
+
+# -- convolutions and linear layers ----------------------------------------------------------------
+@pytest.mark.parametrize("ratio", [2, 3, 1.5])
+@pytest.mark.parametrize("nd", [1, 2, 3])
+def test_dense_conv(nd, ratio):
+    Conv = CONV[nd]
+    m = nn.Sequential(Conv(8, 16, 3, padding=1), Conv(16, 12, 3, padding=1, bias=False), nn.ReLU(), Conv(12, 4, 1))
+    res = check(m, (2, 8) + (5,) * nd, ratio)
+    k = (3,) * nd
+    assert tshape(res, "0.weight") == (w(16, ratio), 8, *k)  # graph input keeps its 8 channels
+    assert tshape(res, "0.bias") == (w(16, ratio),)
+    assert tshape(res, "1.weight") == (w(12, ratio), w(16, ratio), *k)
+    assert tshape(res, "3.weight") == (4, w(12, ratio), *(1,) * nd)  # graph output keeps its 4 channels
+    assert tshape(res, "3.bias") == (4,)
+
+
+@pytest.mark.parametrize("ratio", [2, 3])
+@pytest.mark.parametrize("nd", [1, 2, 3])
+def test_grouped_conv(nd, ratio):
+    Conv = CONV[nd]
+    m = nn.Sequential(Conv(3, 8, 3, padding=1), Conv(8, 12, 3, padding=1, groups=4), nn.ReLU(), Conv(12, 5, 1))
+    res = check(m, (1, 3) + (5,) * nd, ratio)
+    assert tshape(res, "1.weight") == (12 * ratio, 2, *(3,) * nd)
+    assert res.teacher().get_submodule("1").groups == 4 * ratio
+    assert tshape(res, "3.weight") == (5, 12 * ratio, *(1,) * nd)
+
+
+@pytest.mark.parametrize("ratio", [2, 3])
+@pytest.mark.parametrize("mult", [1, 2])
+def test_depthwise_conv(mult, ratio):
+    m = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.Conv2d(8, 8 * mult, 3, padding=1, groups=8),
+                      nn.BatchNorm2d(8 * mult), nn.ReLU6(), nn.Conv2d(8 * mult, 5, 1))
+    res = check(m, (2, 3, 6, 6), ratio)
+    assert tshape(res, "2.weight") == (8 * mult * ratio, 1, 3, 3)
+    assert res.teacher().get_submodule("2").groups == 8 * ratio
+    assert tshape(res, "3.running_var") == (8 * mult * ratio,)
+
+
+@pytest.mark.parametrize("ratio", [2, 3])
+@pytest.mark.parametrize("shape", [(4, 6), (2, 5, 6)])
+def test_linear(shape, ratio):
+    m = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 7, bias=False), nn.Linear(7, 3))
+    res = check(m, shape, ratio)
+    assert tshape(res, "0.weight") == (10 * ratio, 6)
+    assert tshape(res, "2.weight") == (7 * ratio, 10 * ratio)
+    assert tshape(res, "3.weight") == (3, 7 * ratio)
+
+
+# -- normalizations ------------------------------------------------------------------------------
+@pytest.mark.parametrize("ratio", [2, 3])
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "conv2d"])
+def test_batch_norm(kind, ratio):
+    if kind == "linear":
+        m, shape = nn.Sequential(nn.Linear(6, 10), nn.BatchNorm1d(10), nn.Linear(10, 3)), (4, 6)
+    elif kind == "conv1d":
+        m, shape = nn.Sequential(nn.Conv1d(4, 10, 3), nn.BatchNorm1d(10), nn.Conv1d(10, 3, 1)), (2, 4, 7)
+    else:
+        m, shape = nn.Sequential(nn.Conv2d(4, 10, 3), nn.BatchNorm2d(10), nn.Conv2d(10, 3, 1)), (2, 4, 6, 6)
+    res = check(m, shape, ratio)
+    for key in ("weight", "bias", "running_mean", "running_var"):
+        student = m.state_dict()[f"1.{key}"]
+        assert torch.equal(res.tensors[f"1.{key}"], student.repeat(ratio)), key  # tiled copies
+    assert torch.equal(res.tensors["student/1.running_mean"], m.state_dict()["1.running_mean"])
+
+
+@pytest.mark.parametrize("ratio", [2, 3])
+def test_group_norm(ratio):
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(4, 8), nn.SiLU(), nn.Conv2d(8, 4, 1))
+    res = check(m, (2, 3, 5, 5), ratio)
+    gn = res.teacher().get_submodule("1")
+    assert (gn.num_groups, gn.num_channels) == (4 * ratio, 8 * ratio)
+    assert tshape(res, "1.weight") == (8 * ratio,)
+
+
+# -- elementwise ---------------------------------------------------------------------------------
+ACTIVATIONS = {
+    "relu": nn.ReLU, "relu6": nn.ReLU6, "leaky": lambda: nn.LeakyReLU(0.1), "silu": nn.SiLU, "gelu": nn.GELU,
+    "gelu_tanh": lambda: nn.GELU("tanh"), "hardswish": nn.Hardswish, "hardsigmoid": nn.Hardsigmoid,
+    "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "prelu_c": lambda: nn.PReLU(8), "prelu_1": lambda: nn.PReLU(1),
+    "dropout": lambda: nn.Dropout(0.3), "dropout2d": lambda: nn.Dropout2d(0.3),
+    "F.relu": lambda: Fn(F.relu), "F.gelu": lambda: Fn(F.gelu), "F.leaky_relu": lambda: Fn(lambda x: F.leaky_relu(x, 0.2)),
+    "torch.sigmoid": lambda: Fn(torch.sigmoid), "x.relu()": lambda: Fn(lambda x: x.relu()),
+    "F.dropout": lambda: Fn(lambda x: F.dropout(x, 0.5, training=False)),
+}
+
+
+@pytest.mark.parametrize("act", list(ACTIVATIONS))
+def test_activation(act):
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), ACTIVATIONS[act](), nn.Conv2d(8, 4, 1))
+    res = check(m, (2, 3, 5, 5))
+    assert tshape(res, "0.weight") == (16, 3, 3, 3)
+    if act == "prelu_c":
+        assert tshape(res, "1.weight") == (16,)
+    if act == "prelu_1":
+        assert tshape(res, "1.weight") == (1,)
+
+
+POOLS = {
+    "max": lambda: nn.MaxPool2d(2), "avg": lambda: nn.AvgPool2d(3, stride=1, padding=1),
+    "adaptive_avg": lambda: nn.AdaptiveAvgPool2d(2), "adaptive_max": lambda: nn.AdaptiveMaxPool2d((2, 3)),
+    "F.max_pool2d": lambda: Fn(lambda x: F.max_pool2d(x, 3, 2, 1)),
+    "F.adaptive_avg_pool2d": lambda: Fn(lambda x: F.adaptive_avg_pool2d(x, 1)),
+}
+
+
+@pytest.mark.parametrize("pool", list(POOLS))
+def test_pool(pool):
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), POOLS[pool](), nn.Conv2d(8, 4, 1))
+    res = check(m, (2, 3, 6, 6))
+    assert tshape(res, "2.weight") == (4, 16, 1, 1)
+
+
+# -- reshapes --------------------------------------------------------------------------------------
+FLATTENS = {
+    "nn.Flatten": lambda s: nn.Flatten(), "torch.flatten": lambda s: Fn(lambda x: torch.flatten(x, 1)),
+    "view(size(0), -1)": lambda s: Fn(lambda x: x.view(x.size(0), -1)),
+    "reshape(constants)": lambda s: Fn(lambda x: x.reshape(2, 8 * s * s)),
+}
+
+
+@pytest.mark.parametrize("ratio", [2, 3])
+@pytest.mark.parametrize("flatten", list(FLATTENS))
+@pytest.mark.parametrize("side", [1, 3])
+def test_flatten_into_linear(side, flatten, ratio):
+    """C*H*W after flatten is a product space: the Linear's input becomes (C*r)*H*W."""
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(side), FLATTENS[flatten](side),
+                      nn.Linear(8 * side * side, 10), nn.ReLU(), nn.Linear(10, 5))
+    res = check(m, (2, 3, 6, 6), ratio)
+    assert tshape(res, "4.weight") == (10 * ratio, 8 * ratio * side * side)
+    assert tshape(res, "6.weight") == (5, 10 * ratio)
+
+
+MEANS = {
+    "mean((2, 3))": lambda x: x.mean((2, 3)), "mean([-2, -1])": lambda x: x.mean(dim=[-2, -1]),
+    "torch.mean": lambda x: torch.mean(x, dim=(2, 3)), "keepdim+flatten": lambda x: x.mean((2, 3), keepdim=True).flatten(1),
+}
+
+
+@pytest.mark.parametrize("mean", list(MEANS))
+def test_mean_over_space(mean):
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), Fn(MEANS[mean]), nn.Linear(8, 5))
+    res = check(m, (2, 3, 5, 5))
+    assert tshape(res, "3.weight") == (5, 16)
+
+
+class Permute(nn.Module):
+    """Channels-last Linear between convs (the ConvNeXt pattern)."""
+
+    def __init__(self, transpose: bool):
+        super().__init__()
+        self.transpose = transpose
+        self.conv0, self.lin, self.conv1 = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 12), nn.Conv2d(12, 4, 1)
+
+    def forward(self, x):
+        x = self.conv0(x)
+        if self.transpose:  # (B, C, H, W) -> (B, H*W, C) tokens and back
+            b, c, h, ww = x.shape
+            y = F.gelu(self.lin(x.flatten(2).transpose(1, 2)))
+            return self.conv1(y.transpose(1, 2).reshape(b, 12, h, ww))
+        return self.conv1(F.gelu(self.lin(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2))
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_permute(transpose):
+    res = check(Permute(transpose), (2, 3, 4, 5))
+    assert tshape(res, "lin.weight") == (24, 16)
+    assert tshape(res, "conv1.weight") == (4, 24, 1, 1)
+
+
+# -- graph structure: residuals, gates, cat, split, shuffle ----------------------------------------
+class Residual(nn.Module):
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.conv1, self.bn1, self.conv2 = nn.Conv2d(c, 6, 3, padding=1), nn.BatchNorm2d(6), nn.Conv2d(6, c, 3, padding=1)
+        self.head = nn.Conv2d(c, 4, 1)
+
+    def forward(self, x):
+        x = F.relu(self.bn0(self.stem(x)))
+        x = F.relu(x + self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return self.head(x)
+
+
+@pytest.mark.parametrize("ratio", [2, 3])
+def test_residual_add(ratio):
+    res = check(Residual(), (2, 3, 5, 5), ratio)
+    assert tshape(res, "conv1.weight") == (6 * ratio, 8 * ratio, 3, 3)
+    assert tshape(res, "conv2.weight") == (8 * ratio, 6 * ratio, 3, 3)
+
+
+class SE(nn.Module):
+    """x * sigmoid(fc(pool(x))), with 1x1 convs on the pooled map or with Linears and a view back."""
+
+    def __init__(self, linear: bool):
+        super().__init__()
+        self.linear = linear
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc1, self.fc2 = (nn.Linear(8, 4), nn.Linear(4, 8)) if linear else (nn.Conv2d(8, 4, 1), nn.Conv2d(4, 8, 1))
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = F.silu(self.stem(x))
+        if self.linear:
+            s = torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean((2, 3)))))).view(-1, 8, 1, 1)
+        else:
+            s = torch.sigmoid(self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(x, 1)))))
+        return self.head(x * s)
+
+
+@pytest.mark.parametrize("ratio", [2, 3])
+@pytest.mark.parametrize("linear", [False, True])
+def test_squeeze_excitation(linear, ratio):
+    res = check(SE(linear), (2, 3, 5, 5), ratio)
+    assert tshape(res, "fc1.weight")[:2] == (4 * ratio, 8 * ratio)
+    assert tshape(res, "fc2.weight")[:2] == (8 * ratio, 4 * ratio)
+
+
+class Concat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 6, 1)
+        self.bn, self.head = nn.BatchNorm2d(10), nn.Conv2d(10, 5, 1)
+
+    def forward(self, x):
+        return self.head(F.relu(self.bn(torch.cat([self.a(x), self.b(x)], dim=1))))
+
+
+@pytest.mark.parametrize("ratio", [2, 3])
+def test_cat_channels(ratio):
+    res = check(Concat(), (2, 3, 5, 5), ratio)
+    assert tshape(res, "a.weight") == (4 * ratio, 3, 3, 3)
+    assert tshape(res, "b.weight") == (6 * ratio, 3, 1, 1)
+    assert tshape(res, "bn.running_mean") == (10 * ratio,)
+    assert tshape(res, "head.weight") == (5, 10 * ratio, 1, 1)
+
+
+SPLITS = {
+    "x.chunk(2, 1)": lambda x: x.chunk(2, dim=1),
+    "torch.chunk(3)": lambda x: torch.chunk(x, 3, 1),
+    "x.split([4, 8])": lambda x: x.split([4, 8], dim=1),
+    "torch.split(5)": lambda x: torch.split(x, 5, dim=1),  # pieces 5, 5, 2
+}
+
+
+class Split(nn.Module):
+    """Split the channels, convolve the first piece, put the pieces back together."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        pieces = SPLITS[how](torch.zeros(1, 12, 1, 1))
+        self.n, first = len(pieces), pieces[0].shape[1]
+        self.stem, self.conv, self.head = nn.Conv2d(3, 12, 3, padding=1), nn.Conv2d(first, first, 3, padding=1), nn.Conv2d(12, 5, 1)
+
+    def forward(self, x):
+        pieces = SPLITS[self.how](F.relu(self.stem(x)))
+        return self.head(torch.cat([self.conv(pieces[0])] + [pieces[i] for i in range(1, self.n)], dim=1))
+
+
+@pytest.mark.parametrize("ratio", [2, 3])
+@pytest.mark.parametrize("how", list(SPLITS))
+def test_split_channels(how, ratio):
+    m = Split(how)
+    res = check(m, (2, 3, 5, 5), ratio)
+    first = m.conv.in_channels
+    assert tshape(res, "stem.weight") == (12 * ratio, 3, 3, 3)
+    assert tshape(res, "conv.weight") == (first * ratio, first * ratio, 3, 3)
+    assert tshape(res, "head.weight") == (5, 12 * ratio, 1, 1)
+
+
+def _shuffle(x, g: int, dynamic: bool):
+    if dynamic:
+        b, c, h, ww = x.size()
+        return x.view(b, g, c // g, h, ww).transpose(1, 2).contiguous().view(b, c, h, ww)
+    return x.view(2, g, 12 // g, 5, 5).transpose(1, 2).contiguous().view(2, 12, 5, 5)
+
+
+class ShuffleV2(nn.Module):
+    """ShuffleNetV2 unit: split, branch (1x1, depthwise, 1x1), cat, channel shuffle (view-transpose-view)."""
+
+    def __init__(self, dynamic: bool):
+        super().__init__()
+        self.dynamic = dynamic
+        self.stem = nn.Conv2d(3, 12, 3, padding=1)
+        self.pw1, self.dw, self.pw2 = nn.Conv2d(6, 6, 1), nn.Conv2d(6, 6, 3, padding=1, groups=6), nn.Conv2d(6, 6, 1)
+        self.head = nn.Conv2d(12, 4, 1)
+
+    def forward(self, x):
+        a, b = F.relu(self.stem(x)).chunk(2, dim=1)
+        x = torch.cat([a, F.relu(self.pw2(self.dw(F.relu(self.pw1(b)))))], dim=1)
+        return self.head(_shuffle(x, 2, self.dynamic))
+
+
+@pytest.mark.parametrize("ratio", [2, 3])
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_channel_shuffle(dynamic, ratio):
+    res = check(ShuffleV2(dynamic), (2, 3, 5, 5), ratio)
+    assert tshape(res, "stem.weight") == (12 * ratio, 3, 3, 3)
+    assert tshape(res, "dw.weight") == (6 * ratio, 1, 3, 3)
+    assert tshape(res, "head.weight") == (4, 12 * ratio, 1, 1)
+
+
+class ShuffleV1(nn.Module):
+    """ShuffleNetV1: a shuffle between two grouped convs."""
+
+    def __init__(self, dynamic: bool):
+        super().__init__()
+        self.dynamic = dynamic
+        self.stem = nn.Conv2d(3, 12, 3, padding=1)
+        self.gconv1, self.gconv2 = nn.Conv2d(12, 12, 1, groups=3), nn.Conv2d(12, 12, 3, padding=1, groups=3)
+        self.head = nn.Conv2d(12, 4, 1)
+
+    def forward(self, x):
+        x = F.relu(self.gconv1(F.relu(self.stem(x))))
+        return self.head(self.gconv2(_shuffle(x, 3, self.dynamic)))
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_channel_shuffle_between_grouped_convs_stays_exact(dynamic):
+    # Groups cannot be copied through this shuffle (a teacher group would mix copies of different student groups):
+    # the analysis must freeze those spaces, say so, and stay exact.
+    res = check(ShuffleV1(dynamic), (2, 3, 5, 5), wider=False, frozen_ok=True)
+    assert all("incompatible channel layouts" in f["reason"] for f in res.summary()["frozen"])
+    assert res.teacher().get_submodule("gconv2").groups == 3
+
+
+# -- what the rules do not know is frozen, not guessed --------------------------------------------
+class Cumprod(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv0, self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 16, 3, padding=1), nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        x = torch.cumprod(torch.tanh(self.conv0(x)), dim=1)  # not in the registry, along channels
+        return self.conv2(F.relu(self.conv1(x)))
+
+
+@pytest.mark.parametrize("ratio", [2, 3])
+def test_unsupported_op_is_frozen_and_exact(ratio):
+    res = check(Cumprod(), (2, 3, 5, 5), ratio, unsupported=True)
+    s = res.summary()
+    assert any("cumprod" in op for op in s["unsupported_ops"]), s["unsupported_ops"]
+    assert s["spaces_frozen"] >= 1 and any("unsupported" in f["reason"] for f in s["frozen"])
+    assert tshape(res, "conv0.weight") == (8, 3, 3, 3)  # feeds cumprod: kept
+    assert tshape(res, "conv1.weight") == (16 * ratio, 8, 3, 3)  # past it: still widened
+    assert tshape(res, "conv2.weight") == (4, 16 * ratio, 1, 1)
+
+
+# -- verify localizes a broken teacher --------------------------------------------------------------
+@pytest.mark.parametrize("rows", ["canonical", "copy"])
+def test_verify_localizes_perturbed_weight(rows):
+    m = _randomize(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                 nn.Conv2d(8, 12, 3, padding=1), nn.ReLU(), nn.Conv2d(12, 4, 1)))
+    shape = (2, 3, 5, 5)
+    res = expand(m, shape, ratio=2)
+    assert verify(m, res.plan, res.tensors, shape, device="cpu").passed
+    tensors = dict(res.tensors)
+    weight = tensors["3.weight"].clone()
+    weight[1 if rows == "canonical" else 12 + 1] += 0.5  # row 13 is the second copy of student channel 1
+    tensors["3.weight"] = weight
+    report = verify(m, res.plan, tensors, shape, device="cpu")
+    assert not report.passed
+    assert report.divergence is not None and report.divergence["node"] == "_3"  # the perturbed conv's output
+    # a non-canonical copy breaks the teacher but not the collapsed student
+    back = collapse(res.plan, tensors)["3.weight"]
+    assert torch.equal(back, m.state_dict()["3.weight"]) == (rows == "copy")
