@@ -1,6 +1,7 @@
 """The Python API: the same operations as the CLI, on modules and files."""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +14,7 @@ from .collapse import collapse
 from .expand import Student, build_teacher, check_ratio, expand_tensors, make_plan, prepare, student_state
 from .io import load_teacher_file, save_teacher
 from .maps import Maps
-from .plan import Plan
+from .plan import DTYPES, Plan
 from .verify import Report, verify as _verify
 
 
@@ -37,18 +38,44 @@ class Expanded:
         return summarize(self.plan, self.tensors, self.seconds)
 
 
-def expand(model: nn.Module, input_shape: tuple[int, ...], ratio: float = 2.0, *, seed: int = 0,
-           equal_shares: bool = False, source: dict[str, Any] | None = None) -> Expanded:
-    """Widen ``model`` by ``ratio`` so that the teacher computes exactly the student's function."""
+@dataclass
+class Planned:
+    """A traced and analysed student with its plan: everything of an expansion but the teacher's tensors."""
+
+    model: nn.Module
+    student: Student
+    plan: Plan
+    maps: Maps
+    seconds: float
+
+    def build_bytes(self) -> int:
+        """About the memory that building the teacher takes: its tensors, and working copies of the largest."""
+        sizes = [math.prod(shape) * DTYPES[dtype].itemsize for shape, dtype in self.plan.file_tensors().values()]
+        return sum(sizes) + 2 * max(sizes, default=0)
+
+    def build(self) -> Expanded:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            tensors = expand_tensors(self.plan, student_state(self.model), self.maps)
+        return Expanded(self.plan, tensors, self.student, self.maps, self.seconds + time.perf_counter() - t0)
+
+
+def plan_expansion(model: nn.Module, input_shape: tuple[int, ...], ratio: float = 2.0, *, seed: int = 0,
+                   equal_shares: bool = False, source: dict[str, Any] | None = None) -> Planned:
+    """Trace and analyse ``model`` and plan its widening by ``ratio``; no teacher tensor is made yet."""
     ratio = check_ratio(ratio)
     t0 = time.perf_counter()
     model = model.eval()
     student = prepare(model, tuple(input_shape))
     source = {"input_shape": list(input_shape), **(source or {})}
     plan, maps = make_plan(student, model, ratio, seed, equal_shares, source)
-    with torch.no_grad():
-        tensors = expand_tensors(plan, student_state(model), maps)
-    return Expanded(plan, tensors, student, maps, time.perf_counter() - t0)
+    return Planned(model, student, plan, maps, time.perf_counter() - t0)
+
+
+def expand(model: nn.Module, input_shape: tuple[int, ...], ratio: float = 2.0, *, seed: int = 0,
+           equal_shares: bool = False, source: dict[str, Any] | None = None) -> Expanded:
+    """Widen ``model`` by ``ratio`` so that the teacher computes exactly the student's function."""
+    return plan_expansion(model, input_shape, ratio, seed=seed, equal_shares=equal_shares, source=source).build()
 
 
 def extract(path: str) -> dict[str, torch.Tensor]:
@@ -74,6 +101,7 @@ def summarize(plan: Plan, tensors: dict[str, torch.Tensor], seconds: float | Non
         "student_params": student,
         "teacher_params": teacher,
         "param_ratio": teacher / student if student else 1.0,
+        "teacher_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
         "widened_tensors": len(used),
         "spaces_expanded": plan.report.get("expanded", 0),
         "spaces_frozen": len(plan.report.get("frozen", [])),
@@ -86,7 +114,4 @@ def summarize(plan: Plan, tensors: dict[str, torch.Tensor], seconds: float | Non
 
 
 def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+    return math.prod(shape)

@@ -1,4 +1,4 @@
-"""The ``gpd`` command line: expand, verify, extract."""
+"""The ``gpd`` command line: expand, verify, extract, plan, inspect."""
 from __future__ import annotations
 
 import json
@@ -10,11 +10,14 @@ from typing import Any, Callable, List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import api
 from .errors import GPDError
-from .io import check_output, load_teacher_file, load_weights
+from .io import atomic_save, check_output, load_teacher_file, load_weights
+from .memory import check_memory, fmt_bytes
+from .plan import MAX_SEED
 from .trace import default_input_shape, load_model, parse_model_args, parse_shape
 
 app = typer.Typer(
@@ -32,22 +35,49 @@ DEBUG_OPT = typer.Option(False, "--debug", help="Show the full traceback of an e
 
 
 def _run(debug: bool, fn: Callable[[], int | None]) -> None:
-    """User errors become exit code 2 and one line; --debug shows the traceback."""
+    """User errors: exit 2 and one line. Anything else is a bug: exit 3 and one line. --debug: the traceback."""
     try:
         code = fn()
     except GPDError as e:
         if debug:
             raise
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+        _fail(str(e), 2)
+    except Exception as e:
+        if debug:
+            raise
+        what = "out of memory" if isinstance(e, MemoryError) else "internal error"
+        _fail(f"{what}: {type(e).__name__}: {e} (rerun with --debug for the traceback, and report it)", 3)
     raise typer.Exit(code or 0)
 
 
+def _fail(message: str, code: int) -> None:
+    err.print(f"[bold red]error:[/] {_safe(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code) from None
+
+
+def _safe(text: Any) -> str:
+    """Text from files and specs as one inert line: no rich markup, no terminal control characters."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+    return escape(text)
+
+
 def _student(model: str, weights: Optional[str], model_args: dict[str, Any], trust_pickle: bool) -> Any:
-    m = load_model(model, model_args, trust_pickle=trust_pickle)
+    try:
+        m = load_model(model, model_args, trust_pickle=trust_pickle)
+    except GPDError:
+        raise
+    except Exception as e:  # the factory's own complaint about its arguments, e.g. a negative width
+        raise GPDError(f"{model} could not be built with {model_args}: {type(e).__name__}: {e}") from None
     if weights:
         load_weights(m, weights)
     return m
+
+
+def _options(model: str, ratio: str, model_arg: List[str], input_shape: Optional[str]
+             ) -> tuple[float, dict[str, Any], tuple[int, ...]]:
+    args = parse_model_args(model_arg)
+    shape = parse_shape(input_shape) if input_shape else default_input_shape(model)
+    return _ratio(ratio), args, shape
 
 
 @app.command()
@@ -58,24 +88,24 @@ def expand(
     weights: Optional[str] = typer.Option(None, "--weights", "-w", help="Student weights: .safetensors, or a .pt state dict (loaded weights-only)."),
     model_arg: List[str] = typer.Option([], "--model-arg", help="KEY=VALUE passed to the model factory (repeatable), e.g. num_classes=10."),
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Example input shape, e.g. 1,3,224,224."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the symmetry-breaking shares (and of fractional maps)."),
+    seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED, help="Seed of the symmetry-breaking shares (and of fractional maps)."),
     equal_shares: bool = typer.Option(False, "--equal-shares", help="Split dense weights equally among copies."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow loading a pickled module (runs code from the file)."),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output, and skip the memory check."),
     as_json: bool = JSON_OPT,
     debug: bool = DEBUG_OPT,
 ) -> None:
     """Widen MODEL into a teacher that computes exactly the same function, and write it with its plan."""
 
     def go() -> int:
-        r = _ratio(ratio)
+        r, args, shape = _options(model, ratio, model_arg, input_shape)
         check_output(output, force)
-        args = parse_model_args(model_arg)
-        shape = parse_shape(input_shape) if input_shape else default_input_shape(model)
         student = _student(model, weights, args, trust_pickle)
         source = {"model": model, "model_args": args, "weights": os.path.basename(weights) if weights else None}
         with _status(as_json, f"expanding {model} x{r:g}"):
-            result = api.expand(student, shape, r, seed=seed, equal_shares=equal_shares, source=source)
+            planned = api.plan_expansion(student, shape, r, seed=seed, equal_shares=equal_shares, source=source)
+            check_memory(planned.build_bytes(), force)  # before any teacher tensor exists
+            result = planned.build()
             result.save(output)
         summary = {"output": output, "model": model, **result.summary()}
         if as_json:
@@ -96,19 +126,20 @@ def _ratio(text: str) -> float:
 def _status(quiet: bool, what: str) -> Any:
     import contextlib
 
-    return contextlib.nullcontext() if quiet or not err.is_terminal else err.status(what)
+    return contextlib.nullcontext() if quiet or not err.is_terminal else err.status(_safe(what))
 
 
 def _print_expand(s: dict[str, Any]) -> None:
-    t = Table(title=f"gpd expand {s['model']} x{s['ratio']:g}", show_header=False)
+    t = Table(title=f"gpd expand {_safe(s['model'])} x{s['ratio']:g}", show_header=False)
     t.add_row("student parameters", f"{s['student_params']:,}")
     t.add_row("teacher parameters", f"{s['teacher_params']:,} ({s['param_ratio']:.2f}x)")
+    t.add_row("teacher size", fmt_bytes(s["teacher_bytes"]))
     t.add_row("spaces expanded", str(s["spaces_expanded"]))
     t.add_row("spaces frozen", str(s["spaces_frozen"]))
     for reason, n in Counter(f["reason"] for f in s["frozen"]).most_common():
-        t.add_row("", f"{n} x {reason}")
+        t.add_row("", f"{n} x {_safe(reason)}")
     t.add_row("time", f"{s['seconds']:.2f} s")
-    t.add_row("written", s["output"])
+    t.add_row("written", _safe(s["output"]))
     out.print(t)
 
 
@@ -120,7 +151,7 @@ def verify(
     model_arg: List[str] = typer.Option([], "--model-arg", help="KEY=VALUE for the factory (default: those the plan records)."),
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Input shape (default: the plan's)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: both when CUDA is present)."),
-    inputs: int = typer.Option(3, "--inputs", min=1, help="Number of random inputs."),
+    inputs: int = typer.Option(3, "--inputs", min=1, max=1000, help="Number of random inputs."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow loading a pickled module (runs code from the file)."),
     as_json: bool = JSON_OPT,
     debug: bool = DEBUG_OPT,
@@ -147,7 +178,7 @@ def verify(
 
 
 def _print_verify(r: dict[str, Any]) -> None:
-    t = Table(title=f"gpd verify {r['model']}")
+    t = Table(title=f"gpd verify {_safe(r['model'])}")
     for col in ("device", "dtype", "max abs error", "max rel error", "tolerance", "result"):
         t.add_column(col)
     for c in r["checks"]:
@@ -157,7 +188,8 @@ def _print_verify(r: dict[str, Any]) -> None:
     d = r.get("divergence")
     if d:
         detail = f"max rel error {d['max_rel']:.3e}" if d.get("error") == "value" else d.get("detail", "")
-        out.print(f"[red]teacher and student part at node[/] [bold]{d['node']}[/] ({d['op']}): {detail}",
+        out.print(f"[red]teacher and student part at node[/] [bold]{_safe(d['node'])}[/] ({_safe(d['op'])}): "
+                  f"{_safe(detail)}",
                   highlight=False)
     elif not r["passed"]:
         out.print("[red]the outputs differ, but every node agrees in float64 on the CPU[/]")
@@ -178,8 +210,6 @@ def extract(
         check_output(output, force)
         t0 = time.perf_counter()
         state = api.extract(teacher)
-        from .io import atomic_save
-
         atomic_save(state, output)
         result = {
             "teacher": teacher, "output": output, "tensors": len(state),
@@ -188,11 +218,122 @@ def extract(
         if as_json:
             print(json.dumps(result))
         else:
-            out.print(f"wrote {output}: {result['tensors']} tensors, {result['student_params']:,} values "
+            out.print(f"wrote {_safe(output)}: {result['tensors']} tensors, {result['student_params']:,} values "
                       f"in {result['seconds']:.2f} s", highlight=False)
         return 0
 
     _run(debug, go)
+
+
+@app.command("plan")
+def plan_cmd(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    ratio: str = typer.Option("2", "--ratio", "-r", help="Width expansion ratio (>= 1)."),
+    weights: Optional[str] = typer.Option(None, "--weights", "-w", help="Student weights (checked against the model)."),
+    model_arg: List[str] = typer.Option([], "--model-arg", help="KEY=VALUE passed to the model factory (repeatable)."),
+    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Example input shape, e.g. 1,3,224,224."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow loading a pickled module (runs code from the file)."),
+    as_json: bool = JSON_OPT,
+    debug: bool = DEBUG_OPT,
+) -> None:
+    """Dry run of `gpd expand`: the channel spaces, what froze and why, the teacher's size. Writes nothing."""
+
+    def go() -> int:
+        from .report import plan_report
+
+        r, args, shape = _options(model, ratio, model_arg, input_shape)
+        student = _student(model, weights, args, trust_pickle)
+        with _status(as_json, f"planning {model} x{r:g}"):
+            rep = {"model": model, **plan_report(api.plan_expansion(student, shape, r, source={"model": model}))}
+        if as_json:
+            print(json.dumps(rep))
+        else:
+            _print_plan(rep)
+        return 0
+
+    _run(debug, go)
+
+
+def _ops(users: list[dict[str, str]], n: int = 4) -> str:
+    names = [u["node"] for u in users[:n]]
+    return ", ".join(names) + (f" +{len(users) - n} more" if len(users) > n else "")
+
+
+def _print_plan(r: dict[str, Any]) -> None:
+    t = Table(title=f"gpd plan {_safe(r['model'])} x{r['ratio']:g}")
+    for col in ("space", "size", "teacher", "status", "used by"):
+        t.add_column(col)
+    for sp in r["spaces"]:
+        status = sp["status"] + (f": {sp['reason']}" if sp["reason"] else "")
+        color = {"expanded": "green", "frozen": "yellow"}.get(sp["status"], "dim")
+        t.add_row(str(sp["space"]), str(sp["size"]), str(sp["expanded_size"]), f"[{color}]{_safe(status)}[/]",
+                  _safe(_ops(sp["used_by"])))
+    out.print(t)
+    s = Table(show_header=False, box=None)
+    s.add_row("input shape", "x".join(map(str, r["input_shape"])))
+    s.add_row("student parameters", f"{r['student_params']:,}")
+    s.add_row("teacher parameters", f"{r['teacher_params']:,} ({r['param_ratio']:.2f}x)")
+    s.add_row("teacher size", fmt_bytes(r["teacher_bytes"]))
+    free = r["available_bytes"]
+    s.add_row("memory to build", fmt_bytes(r["build_bytes"]) + (f" (free: {fmt_bytes(free)})" if free else ""))
+    s.add_row("spaces", f"{r['spaces_expanded']} expanded, {r['spaces_frozen']} frozen by the analysis")
+    if r["unsupported_ops"]:
+        s.add_row("unsupported ops", _safe(", ".join(r["unsupported_ops"])))
+    out.print(s)
+
+
+@app.command()
+def inspect(
+    file: str = typer.Argument(..., help="A teacher file (from `gpd expand`) or a student file (from `gpd extract`)."),
+    as_json: bool = JSON_OPT,
+    debug: bool = DEBUG_OPT,
+) -> None:
+    """Summarize a teacher or student file from its header, without loading its tensors."""
+
+    def go() -> int:
+        from .report import inspect_file
+
+        rep = inspect_file(file)
+        if as_json:
+            print(json.dumps(rep))
+        else:
+            _print_inspect(rep)
+        return 0
+
+    _run(debug, go)
+
+
+def _print_inspect(r: dict[str, Any]) -> None:
+    t = Table(title=f"gpd inspect {_safe(r['file'])}", show_header=False)
+    if r["kind"] == "teacher":
+        src = r["source"]
+        t.add_row("format", f"gpd teacher ({r['format']})")
+        t.add_row("ratio", f"{r['ratio']:g} (seed {r['seed']}{', equal shares' if r['equal_shares'] else ''})")
+        t.add_row("source", _safe(" ".join(f"{k}={v}" for k, v in src.items() if v not in (None, {}, []))))
+        t.add_row("student parameters", f"{r['student_params']:,} in {r['student_tensors']} tensors")
+        t.add_row("teacher parameters", f"{r['teacher_params']:,} ({r['param_ratio']:.2f}x)")
+        t.add_row("spaces", f"{r['spaces_expanded']} expanded, {r['spaces_frozen']} frozen by the analysis")
+        for reason, n in Counter(f["reason"] for f in r["frozen"]).most_common():
+            t.add_row("", f"{n} x {_safe(reason)}")
+        if r["unsupported_ops"]:
+            t.add_row("unsupported ops", _safe(", ".join(r["unsupported_ops"])))
+    else:
+        t.add_row("format", "safetensors (no gpd plan: a student or other weights)")
+        if r["metadata_keys"]:
+            t.add_row("metadata keys", _safe(", ".join(r["metadata_keys"])))
+    t.add_row("tensors", f"{r['tensors']} ({', '.join(f'{n} {d}' for d, n in r['dtypes'].items())})")
+    t.add_row("values", f"{r['values']:,}")
+    t.add_row("size", f"{fmt_bytes(r['tensor_bytes'])} of tensors, {fmt_bytes(r['file_bytes'])} on disk")
+    out.print(t)
+    if r["kind"] == "teacher":
+        s = Table(title="spaces")
+        for col in ("space", "size", "teacher", "tensors"):
+            s.add_column(col)
+        for sp in r["spaces"]:
+            names = sp["tensors"]
+            s.add_row(str(sp["space"]), str(sp["size"]), str(sp["expanded_size"]),
+                      _safe(", ".join(names[:3]) + (f" +{len(names) - 3} more" if len(names) > 3 else "")))
+        out.print(s)
 
 
 def main() -> None:

@@ -1,23 +1,37 @@
 """Reading and writing teacher and student files: validated on the way in, atomic on the way out."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import struct
+import sys
 import tempfile
-from typing import Any
+from typing import IO, Any, Callable, TypeVar
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors import safe_open
 from torch import nn
 
 from .errors import GPDError, PlanError
-from .plan import Plan, check_tensors
+from .plan import DTYPE_NAMES, DTYPES, Plan, check_tensors
 
 PLAN_KEY = "gpd_plan"
+DIGEST_KEY = "gpd_plan_sha256"  # catches a plan edited or corrupted after `gpd expand` wrote it
 _ST_DTYPES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
     "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
 }
+_ST_CODES = {DTYPES[v]: k for k, v in _ST_DTYPES.items()}
+# safetensors lays tensors out by dtype (this order, reversed), then by name; gpd writes the same bytes.
+_ST_ORDER = {k: i for i, k in enumerate(["BOOL", "U8", "I8", "I16", "F16", "BF16", "I32", "F32", "F64", "I64"])}
+Header = dict[str, tuple[tuple[int, ...], str]]
+T = TypeVar("T")
+
+
+def _line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 def check_input_file(path: str, what: str = "file") -> None:
@@ -25,6 +39,8 @@ def check_input_file(path: str, what: str = "file") -> None:
         raise GPDError(f"{what} {path} does not exist")
     if not os.path.isfile(path):
         raise GPDError(f"{what} {path} is not a file")
+    if not os.access(path, os.R_OK):
+        raise GPDError(f"{what} {path} is not readable")
 
 
 def check_output(path: str, force: bool) -> None:
@@ -37,13 +53,79 @@ def check_output(path: str, force: bool) -> None:
         raise GPDError(f"output directory {parent} does not exist")
 
 
+# -- writing ------------------------------------------------------------------------------
+def write_safetensors(f: IO[bytes], tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> None:
+    """The safetensors format, streamed tensor by tensor: no second copy of the data in memory."""
+    if sys.byteorder != "little":
+        raise GPDError("safetensors files are little-endian: gpd cannot write them on this machine")
+    for k, t in tensors.items():
+        if t.dtype not in _ST_CODES:
+            raise GPDError(f"tensor {k} has dtype {t.dtype}, which gpd does not store")
+    items = sorted(tensors.items(), key=lambda kv: (-_ST_ORDER[_ST_CODES[kv[1].dtype]], kv[0]))
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for k, t in items:
+        n = t.numel() * t.element_size()
+        header[k] = {"dtype": _ST_CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # tensor data starts 8-byte aligned, as safetensors writes it
+    f.write(struct.pack("<Q", len(text)) + text)
+    for _, t in items:
+        f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+
 def atomic_save(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file next to ``path`` and rename it into place: no partial output, ever."""
+    """Write a safetensors file and move it into place complete: a failed run leaves no partial output."""
     parent = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".gpd-", suffix=".tmp", dir=parent)
-    os.close(fd)
+    if not _save_unnamed(tensors, path, parent, metadata):
+        _save_named(tensors, path, parent, metadata)
+    _fsync_dir(parent)
+
+
+def _write_synced(fd: int, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> IO[bytes]:
+    f = os.fdopen(fd, "wb")
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        write_safetensors(f, tensors, metadata)
+        f.flush()
+        os.fsync(f.fileno())  # the data is on disk before the file gets its name
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+def _save_unnamed(tensors: dict[str, torch.Tensor], path: str, parent: str, metadata: dict[str, str] | None) -> bool:
+    """Linux: write an unnamed file (O_TMPFILE) and name it only once complete, so that even SIGKILL
+    leaves nothing behind. False where the system cannot (no O_TMPFILE, no /proc)."""
+    try:
+        fd = os.open(parent, os.O_TMPFILE | os.O_WRONLY, 0o666)  # type: ignore[attr-defined]
+    except (AttributeError, OSError):
+        return False
+    tmp = None
+    try:
+        with _write_synced(fd, tensors, metadata) as f:
+            try:
+                tmp = _link(f.fileno(), path, parent)
+            except OSError:
+                return False
+        if tmp is not None:
+            os.replace(tmp, path)
+        return True
+    except BaseException:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _save_named(tensors: dict[str, torch.Tensor], path: str, parent: str, metadata: dict[str, str] | None) -> None:
+    """A temporary file next to ``path``, removed on failure, renamed into place on success."""
+    fd, tmp = tempfile.mkstemp(prefix=".gpd-", suffix=".tmp", dir=parent)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # the permissions a plain open() gives, not mkstemp's 0600
+        _write_synced(fd, tensors, metadata).close()
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -51,39 +133,106 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str,
         raise
 
 
-def save_teacher(path: str, plan: Plan, tensors: dict[str, torch.Tensor]) -> None:
-    atomic_save(tensors, path, {PLAN_KEY: plan.to_json()})
-
-
-def _open(path: str) -> Any:
-    check_input_file(path)
+def _link(fd: int, path: str, parent: str) -> str | None:
+    """Give the unnamed file a name: ``path`` itself when free (None returned), else a temporary name."""
+    # linkat(AT_SYMLINK_FOLLOW) through /proc; os.link only passes that flag when given a src_dir_fd.
+    proc = os.open("/proc/self/fd", os.O_RDONLY)
     try:
-        return safe_open(path, framework="pt")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise PlanError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]})") from None
+        try:
+            os.link(str(fd), path, src_dir_fd=proc, follow_symlinks=True)
+            return None
+        except FileExistsError:
+            pass
+        tmp = os.path.join(parent, f".gpd-{os.urandom(6).hex()}.tmp")
+        os.link(str(fd), tmp, src_dir_fd=proc, follow_symlinks=True)
+        return tmp
+    finally:
+        os.close(proc)
 
 
-def read_header(path: str) -> tuple[dict[str, str], dict[str, tuple[tuple[int, ...], str]]]:
-    f = _open(path)
-    with f:
-        meta = f.metadata() or {}
-        header = {}
-        for k in f.keys():
-            sl = f.get_slice(k)
-            dtype = _ST_DTYPES.get(sl.get_dtype())
-            if dtype is None:
-                raise PlanError(f"tensor {k} in {path} has unsupported dtype {sl.get_dtype()}")
-            header[k] = (tuple(sl.get_shape()), dtype)
-    return meta, header
+def _fsync_dir(parent: str) -> None:
+    try:
+        fd = os.open(parent, os.O_RDONLY)
+    except OSError:
+        return  # not possible everywhere (Windows); the rename is atomic either way
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def plan_digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def save_teacher(path: str, plan: Plan, tensors: dict[str, torch.Tensor]) -> None:
+    text = plan.to_json()
+    atomic_save(tensors, path, {PLAN_KEY: text, DIGEST_KEY: plan_digest(text)})
+
+
+# -- reading ------------------------------------------------------------------------------
+def _guard(path: str, fn: Callable[[], T]) -> T:
+    """Run a safetensors read; whatever a damaged file makes it raise becomes one PlanError."""
+    try:
+        return fn()
+    except (GPDError, KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # safetensors' Rust panics derive from BaseException, not Exception
+        raise PlanError(f"{path} is not a readable safetensors file ({_line(e)})") from None
+
+
+def read_header(path: str) -> tuple[dict[str, str], Header]:
+    """Metadata and name -> (shape, dtype) of a safetensors file, without reading tensor data."""
+    check_input_file(path)
+
+    def read() -> tuple[dict[str, str], Header]:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            header: Header = {}
+            for k in f.keys():
+                sl = f.get_slice(k)
+                dtype = _ST_DTYPES.get(sl.get_dtype())
+                if dtype is None:
+                    raise PlanError(f"tensor {k!r} in {path} has unsupported dtype {sl.get_dtype()}")
+                header[k] = (tuple(sl.get_shape()), dtype)
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise PlanError(f"{path} has malformed metadata")
+        return meta, header
+
+    return _guard(path, read)
+
+
+def read_tensors(path: str) -> dict[str, torch.Tensor]:
+    def read() -> dict[str, torch.Tensor]:
+        with safe_open(path, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+
+    return _guard(path, read)
+
+
+def read_plan(path: str) -> tuple[Plan, Header, dict[str, str]]:
+    """The validated plan of a teacher file, its tensor header and metadata (no tensor data read)."""
+    meta, header = read_header(path)
+    text = meta.get(PLAN_KEY)
+    digest = meta.get(DIGEST_KEY)
+    if text is not None and digest is not None and digest != plan_digest(text):
+        raise PlanError(f"the plan in {path} does not match its checksum: the file was altered after `gpd expand`")
+    try:
+        plan = Plan.from_json(text)
+    except PlanError as e:
+        raise PlanError(f"{path}: {e}") from None
+    check_tensors(plan, header)
+    return plan, header, meta
 
 
 def load_teacher_file(path: str) -> tuple[Plan, dict[str, torch.Tensor]]:
     """Plan and tensors of a teacher file, after checking that they agree exactly."""
-    meta, header = read_header(path)
-    plan = Plan.from_json(meta.get(PLAN_KEY))
-    check_tensors(plan, header)
-    with _open(path) as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    plan, header, _ = read_plan(path)
+    tensors = read_tensors(path)
+    if {k: (tuple(v.shape), DTYPE_NAMES.get(v.dtype)) for k, v in tensors.items()} != header:
+        raise PlanError(f"{path} changed while it was read")
     return plan, tensors
 
 
@@ -91,16 +240,16 @@ def read_state(path: str) -> dict[str, torch.Tensor]:
     """Weights from a .safetensors file or, weights-only (no code runs), from a torch.save file."""
     check_input_file(path, "weights file")
     if path.endswith(".safetensors"):
-        f = _open(path)
-        with f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+        read_header(path)  # validates dtypes and the header before any data is read
+        return read_tensors(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise GPDError(f"cannot load weights from {path} weights-only: {str(e).splitlines()[0]}") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+    except Exception as e:  # weights-only unpickling refuses code, and says so in its own words
+        raise GPDError(f"cannot load weights from {path} weights-only: {_line(e)}") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
         raise GPDError(f"{path} does not hold a state dict of tensors")
     return state
 
@@ -121,4 +270,7 @@ def load_weights(model: nn.Module, path: str) -> None:
             k = wrong[0]
             parts.append(f"{k} is {list(state[k].shape)} but the model has {list(own[k].shape)}")
         raise GPDError(f"weights {path} do not fit the model: {'; '.join(parts)}")
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # e.g. a complex tensor for a real parameter
+        raise GPDError(f"weights {path} do not fit the model: {_line(e)}") from None

@@ -90,15 +90,32 @@ class Plan:
         )
 
     @classmethod
-    def from_json(cls, text: str | None) -> "Plan":
+    def from_json(cls, text: Any) -> "Plan":
         if text is None:
             raise PlanError("the file carries no gpd plan: it is not a teacher written by `gpd expand`")
+        if not isinstance(text, str):
+            raise PlanError(f"the plan must be JSON text, not {type(text).__name__}")
         try:
             obj = json.loads(text)
-        except (json.JSONDecodeError, RecursionError) as e:
-            raise PlanError(f"the plan is not valid JSON ({e})") from None
+        except (ValueError, RecursionError) as e:  # ValueError also covers integers too long to convert
+            raise PlanError(f"the plan is not valid JSON ({str(e).splitlines()[0][:200]})") from None
         return _parse(obj)
 
+    def file_tensors(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Name -> (shape, dtype) of every tensor a teacher file with this plan must hold, nothing else."""
+        maps = self.maps
+        out: dict[str, tuple[tuple[int, ...], str]] = {}
+        for r in self.recipes:
+            names = ([r.key] if r.teacher else []) + ([STUDENT_PREFIX + r.key] if r.kind == "buffer" else [])
+            for name in names:
+                if name in out:  # e.g. a tensor named student/x next to a buffer x
+                    raise PlanError(f"invalid plan: two tensors would be stored as {name}")
+                out[name] = (r.teacher_shape(maps) if name == r.key else r.shape, r.dtype)
+        return out
+
+    def file_bytes(self) -> int:
+        """Bytes of tensor data in a teacher file with this plan: the teacher's memory footprint."""
+        return sum(math.prod(shape) * DTYPES[dtype].itemsize for shape, dtype in self.file_tensors().values())
 
 def _lay_to_json(lay: Layout) -> Any:
     if isinstance(lay, int):
@@ -107,31 +124,45 @@ def _lay_to_json(lay: Layout) -> Any:
 
 
 # -- validation ---------------------------------------------------------------------------
+# Bounds keep every number a plan can carry within what torch's int64 indexing and seeding accept.
+MAX_INT = 2**62
+MAX_SEED = 2**32 - 1
+MAX_DIMS = 8
+MAX_DEPTH = 64
+MAX_INPUT = 2**31  # elements of the recorded input shape
+
+
 def _need(cond: bool, msg: str) -> None:
     if not cond:
         raise PlanError(f"invalid plan: {msg}")
 
 
-def _int(v: Any, what: str, lo: int = 0) -> int:
-    _need(isinstance(v, int) and not isinstance(v, bool) and v >= lo, f"{what} must be an integer >= {lo}")
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _int(v: Any, what: str, lo: int = 0, hi: int = MAX_INT) -> int:
+    _need(_is_int(v) and lo <= v <= hi, f"{what} must be an integer in {lo}..{hi}")
     return v
 
 
 def _parse(obj: Any) -> Plan:
     _need(isinstance(obj, dict), "not a JSON object")
-    _need(obj.get("format") == FORMAT, f"format is {obj.get('format')!r}, expected {FORMAT!r}")
-    _need(obj.get("version") == VERSION, f"format version {obj.get('version')!r}, this gpd reads version {VERSION}")
+    _need(obj.get("format") == FORMAT, f"format is {_short(obj.get('format'))}, expected {FORMAT!r}")
+    version = obj.get("version")
+    _need(_is_int(version) and version == VERSION,
+          f"format version {_short(version)}, this gpd reads version {VERSION}")
     ratio = obj.get("ratio")
-    _need(isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and math.isfinite(ratio) and ratio >= 1,
+    _need((isinstance(ratio, float) or (_is_int(ratio) and ratio <= MAX_INT)) and math.isfinite(ratio) and ratio >= 1,
           "ratio must be a finite number >= 1")
-    seed = _int(obj.get("seed"), "seed")
+    seed = _int(obj.get("seed"), "seed", 0, MAX_SEED)
     _need(isinstance(obj.get("equal_shares"), bool), "equal_shares must be a boolean")
-    _need(isinstance(obj.get("source"), dict), "source must be an object")
+    source = _source(obj.get("source"))
     spaces = obj.get("spaces")
     _need(isinstance(spaces, dict), "spaces must be an object")
     leaves: dict[int, tuple[int, torch.Tensor | None]] = {}
     for k, v in spaces.items():
-        _need(isinstance(k, str) and k.isdigit() and len(k) < 12, f"space id {k!r} is not an integer")
+        _need(k.isascii() and k.isdigit() and len(k) < 12, f"space id {_short(k)} is not an integer")
         _need(isinstance(v, dict), f"space {k} must be an object")
         size = _int(v.get("size"), f"space {k} size", 1)
         src = v.get("src")
@@ -139,9 +170,9 @@ def _parse(obj: Any) -> Plan:
             leaves[int(k)] = (size, None)
             continue
         _need(isinstance(src, list) and len(src) >= size, f"space {k} map must list at least {size} channels")
-        _need(all(isinstance(i, int) and not isinstance(i, bool) for i in src), f"space {k} map must hold integers")
+        # Checked in Python before torch sees them: an int beyond int64 would overflow torch.tensor.
+        _need(all(_is_int(i) and 0 <= i < size for i in src), f"space {k} map must hold indices in 0..{size - 1}")
         t = torch.tensor(src, dtype=torch.long)
-        _need(bool(((t >= 0) & (t < size)).all()), f"space {k} map has indices outside 0..{size - 1}")
         _need(bool((torch.bincount(t, minlength=size) > 0).all()), f"space {k} map leaves a channel without a copy")
         leaves[int(k)] = (size, t)
     maps = Maps(leaves)
@@ -154,34 +185,71 @@ def _parse(obj: Any) -> Plan:
         key = r.get("key")
         _need(isinstance(key, str) and key and key not in seen, f"tensor entry {i} has a missing or repeated key")
         seen.add(key)
-        _need(r.get("kind") in ("param", "buffer"), f"{key}: kind must be param or buffer")
+        kind, dtype, teacher = r.get("kind"), r.get("dtype"), r.get("teacher")
+        _need(kind in ("param", "buffer"), f"{key}: kind must be param or buffer")
         shape = r.get("shape")
-        _need(isinstance(shape, list) and len(shape) <= 8, f"{key}: shape must be a list")
+        _need(isinstance(shape, list) and len(shape) <= MAX_DIMS, f"{key}: shape must be a list of <= {MAX_DIMS} sizes")
         shape = tuple(_int(s, f"{key} shape") for s in shape)
-        _need(r.get("dtype") in DTYPES, f"{key}: unknown dtype {r.get('dtype')!r}")
-        _need(isinstance(r.get("teacher"), bool), f"{key}: teacher must be a boolean")
-        _need(r["teacher"] or r["kind"] == "buffer", f"{key}: a parameter must live in the teacher")
+        _need(isinstance(dtype, str) and dtype in DTYPES, f"{key}: unknown dtype {_short(dtype)}")
+        _need(isinstance(teacher, bool), f"{key}: teacher must be a boolean")
+        _need(teacher or kind == "buffer", f"{key}: a parameter must live in the teacher")
         dims = r.get("dims")
         _need(isinstance(dims, list), f"{key}: dims must be a list")
         parsed: list[tuple[int, Layout, str]] = []
         for e in dims:
             _need(isinstance(e, list) and len(e) == 3, f"{key}: each dim entry is [dim, layout, mode]")
-            d = _int(e[0], f"{key} dim")
+            d = _int(e[0], f"{key} dim", 0, MAX_DIMS)
             _need(d < len(shape) and d not in [p[0] for p in parsed], f"{key}: dim {d} out of range or repeated")
             lay = _lay_from_json(e[1], leaves, key)
-            _need(e[2] in MODES, f"{key}: mode must be one of {MODES}")
+            _need(isinstance(e[2], str) and e[2] in MODES, f"{key}: mode must be one of {MODES}")
+            # Summing copies is only the inverse of splitting for floats; integer tensors are copied.
+            _need(e[2] == "copy" or DTYPES[dtype].is_floating_point, f"{key}: share mode needs a floating dtype")
             _need(maps.size(lay) == shape[d], f"{key}: dim {d} layout has size {maps.size(lay)}, tensor {shape[d]}")
             parsed.append((d, lay, e[2]))
-        recipes.append(Recipe(key, r["kind"], shape, r["dtype"], r["teacher"], parsed))
-    report = obj.get("report", {})
-    _need(isinstance(report, dict), "report must be an object")
-    return Plan(float(ratio), seed, obj["equal_shares"], obj["source"], leaves, recipes, report)
+        recipes.append(Recipe(key, kind, shape, dtype, teacher, parsed))
+    report = _report(obj.get("report", {}))
+    plan = Plan(float(ratio), seed, obj["equal_shares"], source, leaves, recipes, report)
+    plan.file_tensors()  # refuses name clashes now rather than when the file is read
+    return plan
+
+
+def _short(v: Any) -> str:
+    """A value quoted in an error message, cut short: the message stays one line."""
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _source(v: Any) -> dict[str, Any]:
+    _need(isinstance(v, dict), "source must be an object")
+    _need(isinstance(v.get("model_args", {}), dict), "source.model_args must be an object")
+    _need(v.get("model") is None or isinstance(v["model"], str), "source.model must be a string")
+    _need(v.get("weights") is None or isinstance(v["weights"], str), "source.weights must be a string")
+    shape = v.get("input_shape")
+    if shape is not None:
+        _need(isinstance(shape, list) and 0 < len(shape) <= MAX_DIMS and all(_is_int(s) and s > 0 for s in shape)
+              and math.prod(shape) <= MAX_INPUT, "source.input_shape must be a list of positive sizes")
+    return v
+
+
+def _report(v: Any) -> dict[str, Any]:
+    """What froze and why: informative only, but the CLI prints it, so its types are checked too."""
+    _need(isinstance(v, dict), "report must be an object")
+    frozen = v.get("frozen", [])
+    _need(isinstance(frozen, list) and all(
+        isinstance(f, dict) and _is_int(f.get("size")) and isinstance(f.get("reason"), str) for f in frozen
+    ), "report.frozen must list objects with a size and a reason")
+    for k in ("expanded", "boundary"):
+        _need(_is_int(v.get(k, 0)), f"report.{k} must be an integer")
+    unsupported = v.get("unsupported", [])
+    _need(isinstance(unsupported, list) and all(isinstance(u, str) for u in unsupported),
+          "report.unsupported must list strings")
+    return v
 
 
 def _lay_from_json(v: Any, leaves: dict, key: str, depth: int = 0) -> Layout:
-    _need(depth < 64, f"{key}: layout nested too deeply")
-    if isinstance(v, int) and not isinstance(v, bool):
-        _need(v in leaves, f"{key}: layout names unknown space {v}")
+    _need(depth < MAX_DEPTH, f"{key}: layout nested too deeply")
+    if _is_int(v):
+        _need(v in leaves, f"{key}: layout names unknown space {_short(v)}")
         return v
     _need(isinstance(v, dict) and len(v) == 1 and next(iter(v)) in ("p", "c"), f"{key}: malformed layout")
     kind, parts = next(iter(v.items()))
@@ -192,22 +260,14 @@ def _lay_from_json(v: Any, leaves: dict, key: str, depth: int = 0) -> Layout:
 
 def check_tensors(plan: Plan, header: dict[str, tuple[tuple[int, ...], str]]) -> None:
     """The file's tensors (name -> shape, dtype) must be exactly those the plan describes."""
-    maps = plan.maps
-    expected: dict[str, tuple[tuple[int, ...], str]] = {}
-    for r in plan.recipes:
-        if r.teacher:
-            expected[r.key] = (r.teacher_shape(maps), r.dtype)
-        if r.kind == "buffer":
-            expected[STUDENT_PREFIX + r.key] = (r.shape, r.dtype)
+    expected = plan.file_tensors()
     missing = sorted(set(expected) - set(header))
     extra = sorted(set(header) - set(expected))
     if missing:
-        raise PlanError(f"the file lacks tensors its plan names: {', '.join(missing[:3])}")
+        raise PlanError(f"the file lacks tensors its plan names: {', '.join(map(_short, missing[:3]))}")
     if extra:
-        raise PlanError(f"the file holds tensors its plan does not describe: {', '.join(extra[:3])}")
+        raise PlanError(f"the file holds tensors its plan does not describe: {', '.join(map(_short, extra[:3]))}")
     for k, (shape, dtype) in expected.items():
         got_shape, got_dtype = header[k]
         if tuple(got_shape) != tuple(shape) or got_dtype != dtype:
-            raise PlanError(
-                f"tensor {k} is {list(got_shape)} {got_dtype}, the plan expects {list(shape)} {dtype}"
-            )
+            raise PlanError(f"tensor {_short(k)} is {list(got_shape)} {got_dtype}, the plan expects {list(shape)} {dtype}")
