@@ -126,7 +126,7 @@ class Ctx:
 
     def unsupported(self, what: str) -> Dims:
         """Freeze every dimension the op touches and give its outputs fresh frozen dims."""
-        reason = f"unsupported op {what}"
+        reason = f"unsupported op {what} at {self.where}"
         self.result.unsupported[self.where] = what
         for t in self.tensor_args():
             for lay in self.dims(t):
@@ -143,7 +143,7 @@ class Ctx:
 
 def describe(node: fx.Node, gm: fx.GraphModule) -> str:
     if node.op == "call_module":
-        return f"{type(gm.get_submodule(node.target)).__name__} ({node.target})"  # type: ignore[arg-type]
+        return type(gm.get_submodule(node.target)).__name__  # type: ignore[arg-type]
     if node.op == "call_function":
         t = node.target
         return f"{getattr(t, '__module__', '') or ''}.{getattr(t, '__name__', str(t))}".lstrip(".")
@@ -171,6 +171,7 @@ def analyse(gm: fx.GraphModule) -> Analysis:
             out = rule(ctx) if rule is not None else ctx.unsupported(describe(node, gm))
         ctx.result.dims[node.name] = out
     ctx.node = None
+    ctx.spaces.finalize()
     return ctx.result
 
 

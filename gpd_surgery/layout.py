@@ -44,6 +44,7 @@ class Spaces:
         self.expandable: list[bool] = []
         self.frozen: list[str | None] = []
         self.definition: dict[int, Layout] = {}
+        self.wants: list[Layout] = []  # products that should widen by one factor, decided in finalize()
 
     # -- atoms -------------------------------------------------------------
     def new(self, size: int, *, expandable: bool = False, frozen: str | None = None) -> int:
@@ -110,7 +111,7 @@ class Spaces:
                 self.frozen[leaf] = reason
 
     def mark_expandable(self, lay: Layout) -> None:
-        """Allow a layout to widen: every part of a concatenation, the innermost factor of a product."""
+        """Allow a layout to widen: every part of a concatenation; one factor of a product (see finalize)."""
         lay = self.resolve(lay)
         if isinstance(lay, int):
             self.expandable[lay] = self.expandable[lay] or self.size[lay] > 1
@@ -118,7 +119,25 @@ class Spaces:
             for p in lay.parts:
                 self.mark_expandable(p)
         else:
-            self.mark_expandable(lay.parts[-1])
+            self.wants.append(lay)
+
+    def finalize(self) -> None:
+        """Products that should widen and where no rule chose a factor (heads, groups) widen their innermost
+        factor that is not frozen: one factor only, so a product grows by the ratio, not its power."""
+        for lay in self.wants:
+            self._widen_one(lay)
+
+    def _widen_one(self, lay: Layout) -> None:
+        lay = self.resolve(lay)
+        if not isinstance(lay, Prod):
+            self.mark_expandable(lay)
+            return
+        if any(self.is_expanded(leaf) for leaf in self.leaves(lay)):
+            return
+        for part in reversed(lay.parts):
+            if any(self.frozen[leaf] is None and self.size[leaf] > 1 for leaf in self.leaves(part)):
+                self._widen_one(part)
+                return
 
     def is_expanded(self, atom: int) -> bool:
         r = self.find(atom)
@@ -212,6 +231,13 @@ class Spaces:
             self.unify(Prod((piece, *rest)), part, where)
 
     def _fail(self, a: Layout, b: Layout, where: str) -> None:
+        # Where one side is frozen already (e.g. spatial dims factored two ways), the other side inherits
+        # that reason: nothing is lost that was not lost already.
         reason = f"incompatible channel layouts at {where}"
+        for side in (a, b):
+            reasons = {self.frozen[leaf] for leaf in self.leaves(side)}
+            if None not in reasons:
+                reason = sorted(reasons)[0]  # type: ignore[type-var]
+                break
         self.freeze(a, reason)
         self.freeze(b, reason)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .analyse import Ctx, Dims
+from .errors import GPDError
 from .layout import Cat, Layout, Prod
 
 Rule = Callable[[Ctx], Dims]
@@ -63,6 +64,18 @@ def _dim(d: int, ndim: int) -> int:
 
 def _first(ctx: Ctx) -> fx.Node:
     return ctx.tensor_args()[0]
+
+
+def spatial(ctx: Ctx, shape: tuple[int, ...]) -> list[Layout]:
+    """New spatial (or token) dims: never widened, whatever a later rule says."""
+    return ctx.fresh(shape, frozen=f"{BY_DESIGN}: spatial")
+
+
+def _attr_param(ctx: Ctx, node: Any, modes: list[str | None]) -> list[Layout] | None:
+    """Layouts of a parameter passed to a functional op through get_attr (None if it is computed)."""
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        return ctx.param(str(node.target), modes)
+    return None
 
 
 # -- values that carry no channel semantics ---------------------------------------
@@ -159,8 +172,7 @@ def conv(ctx: Ctx) -> Dims:
         t.groups = size(groups) if groups is not None else 1
 
     ctx.on_build_module(build)
-    out_shape = ctx.shape(ctx.node)
-    return list(xd[:c]) + [W[0]] + ctx.fresh(out_shape[c + 1 :])
+    return list(xd[:c]) + [W[0]] + spatial(ctx, ctx.shape(ctx.node)[c + 1 :])
 
 
 @register(nn.Linear)
@@ -260,7 +272,7 @@ def pool(ctx: Ctx) -> Dims:
     key = type(ctx.module(ctx.node)) if ctx.node.op == "call_module" else ctx.node.target
     k = {**POOL_MODULES, **POOL_FUNCTIONS}[key] or len(out_shape) - 2  # interpolate: all but (N, C)
     keep = len(out_shape) - k
-    return list(xd[:keep]) + ctx.fresh(out_shape[keep:])
+    return list(xd[:keep]) + spatial(ctx, out_shape[keep:])
 
 
 # -- reductions and normalizations over a dim -----------------------------------------------
@@ -464,6 +476,9 @@ def getitem(ctx: Ctx) -> Dims:
     if not ctx.is_tensor(src):
         return ctx.unsupported("getitem")
     xd = ctx.dims(src)
+    if isinstance(idx, fx.Node) and ctx.is_tensor(idx):  # table[index]: a lookup along the first dim
+        ctx.freeze(xd[0], "indexing into a channel dimension")
+        return ctx.fresh(ctx.shape(idx)) + list(xd[1:])
     items = list(idx) if isinstance(idx, tuple) else [idx]
     if any(isinstance(i, (fx.Node, list, torch.Tensor)) for i in items):
         return ctx.unsupported("advanced indexing")
@@ -486,9 +501,272 @@ def getitem(ctx: Ctx) -> Dims:
     return out + list(xd[d:])
 
 
+
+# -- normalizations over the last dims ----------------------------------------------------
+def _layer_norm(ctx: Ctx, x: fx.Node, k: int, weight: list[Layout] | None, bias: list[Layout] | None) -> list[Layout]:
+    """Statistics over the last k dims: exact when every channel there has the same number of copies."""
+    xd = ctx.dims(x)
+    for p in (weight, bias):
+        if p is not None:
+            for a, b in zip(p, xd[len(xd) - k :]):
+                ctx.unify(a, b)
+    return list(xd)
+
+
+@register(nn.LayerNorm, nn.RMSNorm)
+def layer_norm(ctx: Ctx) -> Dims:
+    m = ctx.module(ctx.node)
+    k = len(m.normalized_shape)
+    name = str(ctx.node.target)
+    w = ctx.param(f"{name}.weight", ["copy"] * k) if m.weight is not None else None
+    b = ctx.param(f"{name}.bias", ["copy"] * k) if getattr(m, "bias", None) is not None else None
+    x = _first(ctx)
+    out = _layer_norm(ctx, x, k, w, b)
+
+    def build(t: nn.Module, size: Callable[[Layout], int]) -> None:
+        t.normalized_shape = tuple(size(lay) for lay in out[len(out) - k :])
+
+    ctx.on_build_module(build)
+    return out
+
+
+@register(F.layer_norm, F.rms_norm)
+def layer_norm_function(ctx: Ctx) -> Dims:
+    x = _first(ctx)
+    k = len(ctx.arg(1, "normalized_shape"))
+    w = _attr_param(ctx, ctx.arg(2, "weight"), ["copy"] * k)
+    b = _attr_param(ctx, ctx.arg(3, "bias"), ["copy"] * k) if ctx.node.target is F.layer_norm else None
+    if any(isinstance(a, fx.Node) and ctx.is_tensor(a) and p is None
+           for a, p in ((ctx.arg(2, "weight"), w), (ctx.arg(3, "bias"), b if ctx.node.target is F.layer_norm else 0))):
+        return ctx.unsupported(f"{ctx.node.target.__name__} with computed affine parameters")
+    out = _layer_norm(ctx, x, k, w, b)
+
+    def rewrite(n: fx.Node, size: Callable[[Layout], int]) -> None:
+        args = list(n.args)
+        shape = tuple(size(lay) for lay in out[len(out) - k :])
+        if len(args) > 1:
+            args[1] = shape
+        else:
+            n.kwargs = {**n.kwargs, "normalized_shape": shape}
+        n.args = tuple(args)
+
+    ctx.on_build_node(rewrite)
+    return out
+
+
+# -- attention: widen the number of heads, never the head dim ------------------------------------
+HEAD_DIM = f"{BY_DESIGN}: head dimension"
+CONTRACTED = f"{BY_DESIGN}: contracted by a product of two activations"
+
+
+def _heads(ctx: Ctx, proj_out: Layout, num_heads: int, head_dim: int, parts: int = 3) -> Layout:
+    """Structure a fused projection's output as (parts, heads, head_dim); return the heads space."""
+    heads = ctx.expandable(num_heads)
+    hd = ctx.spaces.new(head_dim, frozen=HEAD_DIM)
+    whole = Prod((ctx.spaces.new(parts, frozen=f"{BY_DESIGN}: q, k, v"), heads, hd)) if parts > 1 else Prod((heads, hd))
+    ctx.unify(proj_out, whole)
+    return heads
+
+
+@register(nn.MultiheadAttention)
+def multihead_attention(ctx: Ctx) -> Dims:
+    m: nn.MultiheadAttention = ctx.module(ctx.node)  # type: ignore[assignment]
+    if not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
+        return ctx.unsupported("MultiheadAttention with separate q/k/v widths or extra key/value biases")
+    name = str(ctx.node.target)
+    q, k, v = (ctx.arg(i, n) for i, n in enumerate(("query", "key", "value")))
+    W = ctx.param(f"{name}.in_proj_weight", ["copy", "share"])
+    heads = _heads(ctx, W[0], m.num_heads, m.head_dim)
+    for t in (q, k, v):
+        ctx.unify(ctx.dims(t)[-1], W[1])
+    if m.in_proj_bias is not None:
+        ctx.unify(ctx.param(f"{name}.in_proj_bias", ["copy"])[0], W[0])
+    O = ctx.param(f"{name}.out_proj.weight", ["copy", "share"])
+    ctx.spaces.mark_expandable(O[0])
+    ctx.unify(O[1], Prod((heads, ctx.spaces.new(m.head_dim, frozen=HEAD_DIM))))
+    if m.out_proj.bias is not None:
+        ctx.unify(ctx.param(f"{name}.out_proj.bias", ["copy"])[0], O[0])
+
+    def build(t: nn.Module, size: Callable[[Layout], int]) -> None:
+        width, h = size(W[1]), size(heads)
+        if width != h * m.head_dim:  # nn.MultiheadAttention derives head_dim from the width
+            raise GPDError(f"{name}: nn.MultiheadAttention needs width == heads x head_dim, teacher has "
+                           f"{width} != {h} x {m.head_dim} (use an integer ratio)")
+        t.embed_dim = t.kdim = t.vdim = width
+        t.num_heads = h
+        t.out_proj.in_features, t.out_proj.out_features = size(O[1]), size(O[0])
+
+    ctx.on_build_module(build)
+    spec = ctx.spec(ctx.node)
+    out = list(ctx.dims(q)[:-1]) + [O[0]]
+    return (out, ctx.fresh_like(spec[1])) if isinstance(spec, tuple) else out
+
+
+def _batch_unify(ctx: Ctx, *dims: list[Layout]) -> list[Layout]:
+    """Broadcast batch dims of several operands from the right; copies of a batch entry stay copies."""
+    n = max(len(d) for d in dims)
+    out: list[Layout | None] = [None] * n
+    for d in dims:
+        for k in range(1, len(d) + 1):
+            if ctx.spaces.size_of(d[-k]) == 1:
+                continue
+            if out[-k] is None:
+                out[-k] = d[-k]
+            else:
+                ctx.unify(out[-k], d[-k])  # type: ignore[arg-type]
+    res = [o if o is not None else ctx.spaces.new(1) for o in out]
+    for lay in res:
+        ctx.spaces.mark_expandable(lay)
+    return res
+
+
+@register(operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm")
+def matmul(ctx: Ctx) -> Dims:
+    a, b = ctx.node.args[0], ctx.node.args[1]
+    if not (ctx.is_tensor(a) and ctx.is_tensor(b)) or len(ctx.shape(a)) < 2 or len(ctx.shape(b)) < 2:
+        return ctx.unsupported("matmul of vectors")
+    da, db = ctx.dims(a), ctx.dims(b)
+    W = _attr_param(ctx, b, [None] * (len(db) - 2) + ["share", "copy"]) if len(db) == 2 else None
+    if W is not None:  # x @ W with a parameter W: a linear layer written by hand
+        ctx.spaces.mark_expandable(W[1])
+        ctx.unify(da[-1], W[0])
+        return list(da[:-1]) + [W[1]]
+    ctx.unify(da[-1], db[-2])
+    ctx.freeze(da[-1], CONTRACTED)
+    return _batch_unify(ctx, list(da[:-2]), list(db[:-2])) + [da[-2], db[-1]]
+
+
+@register(torch.einsum)
+def einsum(ctx: Ctx) -> Dims:
+    eq = ctx.node.args[0]
+    ops = list(ctx.node.args[1:])
+    if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+        ops = list(ops[0])
+    if not isinstance(eq, str) or "..." in eq or "->" not in eq:
+        return ctx.unsupported("einsum without an explicit output")
+    lhs, rhs = eq.replace(" ", "").split("->")
+    terms = lhs.split(",")
+    if len(terms) != len(ops):
+        return ctx.unsupported("einsum")
+    letters: dict[str, Layout] = {}
+    count: dict[str, int] = {}
+    for term, op in zip(terms, ops):
+        for ch, lay in zip(term, ctx.dims(op)):
+            if ctx.spaces.size_of(lay) == 1 and ch in letters:
+                continue
+            if ch in letters:
+                ctx.unify(letters[ch], lay)
+            else:
+                letters[ch] = lay
+            count[ch] = count.get(ch, 0) + 1
+    for ch, lay in letters.items():
+        if ch not in rhs and len(ops) > 1:
+            ctx.freeze(lay, CONTRACTED)
+        elif ch not in rhs:
+            ctx.freeze(lay, f"reduction over a channel dimension (einsum {eq})")
+        elif count[ch] == len(ops) and len(ops) > 1:
+            ctx.spaces.mark_expandable(lay)
+    return [letters[ch] for ch in rhs]
+
+
+@register(F.scaled_dot_product_attention)
+def sdpa(ctx: Ctx) -> Dims:
+    q, k, v = (ctx.arg(i, n) for i, n in enumerate(("query", "key", "value")))
+    dq, dk, dv = ctx.dims(q), ctx.dims(k), ctx.dims(v)
+    ctx.unify(dq[-1], dk[-1])
+    ctx.freeze(dq[-1], HEAD_DIM)
+    ctx.unify(dk[-2], dv[-2])
+    batch = _batch_unify(ctx, list(dq[:-2]), list(dk[:-2]), list(dv[:-2]))
+    mask = ctx.arg(3, "attn_mask")
+    if isinstance(mask, fx.Node) and ctx.is_tensor(mask):
+        full = batch + [dq[-2], dk[-2]]
+        md, ms = ctx.dims(mask), ctx.shape(mask)
+        for j in range(1, len(md) + 1):
+            if ms[-j] != 1:
+                ctx.unify(md[-j], full[-j])
+    return batch + [dq[-2], dv[-1]]
+
+
+@register(F.linear)
+def linear_function(ctx: Ctx) -> Dims:
+    x = _first(ctx)
+    W = _attr_param(ctx, ctx.arg(1, "weight"), ["copy", "share"])
+    if W is None:
+        return ctx.unsupported("F.linear with a computed weight")
+    b = ctx.arg(2, "bias")
+    B = _attr_param(ctx, b, ["copy"])
+    if B is None and isinstance(b, fx.Node):
+        return ctx.unsupported("F.linear with a computed bias")
+    ctx.spaces.mark_expandable(W[0])
+    ctx.unify(ctx.dims(x)[-1], W[1])
+    if B is not None:
+        ctx.unify(B[0], W[0])
+    return list(ctx.dims(x)[:-1]) + [W[0]]
+
+
+@register(F.normalize)
+def normalize(ctx: Ctx) -> Dims:
+    xd = ctx.dims(_first(ctx))
+    ctx.freeze(xd[_dim(ctx.arg(2, "dim", 1), len(xd))], "normalization along a channel dimension (F.normalize)")
+    return list(xd)
+
+
 try:  # torchvision wraps stochastic depth for fx: it drops whole samples, so channels pass through
     from torchvision.ops import stochastic_depth as _stochastic_depth
 
     register(_stochastic_depth)(unary)
+except ImportError:  # pragma: no cover - torchvision is optional
+    pass
+
+
+try:  # torchvision's Swin wraps its attention and patch merging for fx: rules for the wrapped functions
+    from torchvision.models import swin_transformer as _swin
+
+    @register(_swin._patch_merging_pad)
+    def patch_merging_pad(ctx: Ctx) -> Dims:
+        xd = ctx.dims(_first(ctx))
+        shape = ctx.shape(ctx.node)
+        return list(xd[:-3]) + spatial(ctx, shape[-3:-1]) + [Cat((xd[-1],) * 4)]
+
+    @register(_swin._get_relative_position_bias)
+    def relative_position_bias(ctx: Ctx) -> Dims:
+        table = ctx.dims(ctx.arg(0, "relative_position_bias_table"))
+        n = ctx.shape(ctx.node)[-1]
+        return [ctx.spaces.new(1), table[-1]] + spatial(ctx, (n, n))
+
+    @register(_swin.shifted_window_attention)
+    def shifted_window_attention(ctx: Ctx) -> Dims:
+        x = ctx.arg(0, "input")
+        xd = ctx.dims(x)
+        num_heads = ctx.arg(5, "num_heads")
+        W = _attr_param(ctx, ctx.arg(1, "qkv_weight"), ["copy", "share"])
+        P = _attr_param(ctx, ctx.arg(2, "proj_weight"), ["copy", "share"])
+        if W is None or P is None or not isinstance(num_heads, int):
+            return ctx.unsupported("shifted_window_attention with computed weights")
+        head_dim = ctx.shape(x)[-1] // num_heads
+        heads = _heads(ctx, W[0], num_heads, head_dim)
+        ctx.unify(xd[-1], W[1])
+        ctx.spaces.mark_expandable(P[0])
+        ctx.unify(P[1], Prod((heads, ctx.spaces.new(head_dim, frozen=HEAD_DIM))))
+        for i, name, target in ((9, "qkv_bias", W[0]), (10, "proj_bias", P[0])):
+            B = _attr_param(ctx, ctx.arg(i, name), ["copy"])
+            if B is not None:
+                ctx.unify(B[0], target)
+        ctx.unify(ctx.dims(ctx.arg(3, "relative_position_bias"))[1], heads)
+        scale = ctx.arg(11, "logit_scale")
+        if isinstance(scale, fx.Node):
+            ctx.unify(ctx.dims(scale)[0], heads)
+
+        def rewrite(n: fx.Node, size: Callable[[Layout], int]) -> None:
+            if size(xd[-1]) != size(heads) * head_dim:  # the function derives head_dim from the width
+                raise GPDError(f"{n.name}: shifted_window_attention needs width == heads x head_dim "
+                               f"({size(xd[-1])} != {size(heads)} x {head_dim}; use an integer ratio)")
+            if len(n.args) > 5:
+                n.args = n.args[:5] + (size(heads),) + n.args[6:]
+            else:
+                n.kwargs = {**n.kwargs, "num_heads": size(heads)}
+
+        ctx.on_build_node(rewrite)
+        return list(xd[:-1]) + [P[0]]
 except ImportError:  # pragma: no cover - torchvision is optional
     pass
