@@ -502,6 +502,45 @@ def getitem(ctx: Ctx) -> Dims:
 
 
 
+
+@register(F.pad)
+def pad(ctx: Ctx) -> Dims:
+    """Padding the last dims: padded dims keep their size class (spatial); others pass through."""
+    xd = ctx.dims(_first(ctx))
+    widths = ctx.arg(1, "pad")
+    if not isinstance(widths, (tuple, list)):
+        return ctx.unsupported("F.pad with computed widths")
+    k = len(widths) // 2
+    out = list(xd)
+    shape = ctx.shape(ctx.node)
+    for j in range(k):
+        d = len(xd) - 1 - j
+        if widths[2 * j] != 0 or widths[2 * j + 1] != 0:  # a computed width counts as padding
+            ctx.freeze(xd[d], "padding a channel dimension")
+            out[d] = spatial(ctx, (shape[d],))[0]
+    return out
+
+
+@register(torch.roll, "roll")
+def roll(ctx: Ctx) -> Dims:
+    xd = ctx.dims(_first(ctx))
+    dims = ctx.arg(2, "dims")
+    if dims is None:
+        return ctx.unsupported("roll over the flattened tensor")
+    for d in [dims] if isinstance(dims, int) else dims:
+        ctx.freeze(xd[_dim(d, len(xd))], "rolling a channel dimension")
+    return list(xd)
+
+
+def channels_last_window(ctx: Ctx) -> Dims:
+    """Window partition and reverse (B, H, W, C) <-> (B*nW, ws, ws, C): channels pass, the rest is spatial."""
+    xd = ctx.dims(_first(ctx))
+    shape = ctx.shape(ctx.node)
+    for lay in xd[:-1]:
+        ctx.freeze(lay, f"{BY_DESIGN}: spatial")
+    return spatial(ctx, shape[:-1]) + [xd[-1]]
+
+
 # -- normalizations over the last dims ----------------------------------------------------
 def _layer_norm(ctx: Ctx, x: fx.Node, k: int, weight: list[Layout] | None, bias: list[Layout] | None) -> list[Layout]:
     """Statistics over the last k dims: exact when every channel there has the same number of copies."""
@@ -769,4 +808,20 @@ try:  # torchvision's Swin wraps its attention and patch merging for fx: rules f
         ctx.on_build_node(rewrite)
         return list(xd[:-1]) + [P[0]]
 except ImportError:  # pragma: no cover - torchvision is optional
+    pass
+
+
+try:  # timm fuses norm and activation into leaf modules; the activation acts per element
+    from timm.layers import norm_act as _timm_norm_act
+
+    register(_timm_norm_act.BatchNormAct2d)(batch_norm)
+    register(_timm_norm_act.GroupNormAct)(group_norm)
+except Exception:  # timm is optional
+    pass
+
+try:
+    from timm.models import swin_transformer as _timm_swin
+
+    register(_timm_swin.window_partition, _timm_swin.window_reverse)(channels_last_window)
+except Exception:  # timm is optional
     pass

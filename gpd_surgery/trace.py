@@ -131,14 +131,12 @@ def default_input_shape(spec: str) -> tuple[int, ...]:
 
 # -- tracing -----------------------------------------------------------------
 def leaf_modules_and_wrapped(model: nn.Module) -> tuple[set[type], set]:
-    """Leaf module types and autowrapped functions registered by timm for fx, when timm is in use."""
+    """Leaf module types and autowrapped functions that timm registers for fx, when timm is installed."""
     try:
         from timm.layers import _fx  # type: ignore[attr-defined]
     except Exception:
         return set(), set()
-    leaves = set(getattr(_fx, "_leaf_modules", set()))
-    wrapped = set(getattr(_fx, "_autowrap_functions", set()))
-    return leaves, wrapped
+    return set(_fx.get_notrace_modules()), set(_fx.get_notrace_functions())
 
 
 class _Tracer(fx.Tracer):
