@@ -216,14 +216,18 @@ def read_plan(path: str) -> tuple[Plan, Header, dict[str, str]]:
     """The validated plan of a teacher file, its tensor header and metadata (no tensor data read)."""
     meta, header = read_header(path)
     text = meta.get(PLAN_KEY)
-    digest = meta.get(DIGEST_KEY)
-    if text is not None and digest is not None and digest != plan_digest(text):
-        raise PlanError(f"the plan in {path} does not match its checksum: the file was altered after `gpd expand`")
+    if text is not None:
+        digest = meta.get(DIGEST_KEY)
+        if digest is None:
+            raise PlanError(f"{path} has a gpd plan but no {DIGEST_KEY} checksum: when saving a trained teacher, "
+                            "copy both metadata entries of the file `gpd expand` wrote")
+        if digest != plan_digest(text):
+            raise PlanError(f"the plan in {path} does not match its checksum: the file was altered after `gpd expand`")
     try:
         plan = Plan.from_json(text)
+        check_tensors(plan, header)
     except PlanError as e:
         raise PlanError(f"{path}: {e}") from None
-    check_tensors(plan, header)
     return plan, header, meta
 
 
