@@ -516,28 +516,35 @@ def test_plan_is_a_dry_run_that_matches_expand(tmp_path, monkeypatch):
 
 
 def test_plan_says_what_froze_and_why(tmp_path, monkeypatch):
-    name = f"rolled_{abs(hash(str(tmp_path))) % 10**8}"
+    name = f"shuffled_{abs(hash(str(tmp_path))) % 10**8}"
     (tmp_path / f"{name}.py").write_text(textwrap.dedent("""
         import torch
         from torch import nn
 
-        class Rolled(nn.Module):
+        @torch.fx.wrap
+        def shuffle(x):  # a function fx keeps as one call, that no rule can know
+            return x.flip(1)
+
+        class Shuffled(nn.Module):
             def __init__(self):
                 super().__init__()
                 self.a, self.b, self.c = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 4, 1)
 
             def forward(self, x):
-                return self.c(torch.relu(self.b(torch.roll(self.a(x), 1, dims=1))))
+                return self.c(torch.relu(self.b(shuffle(self.a(x)))))
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
-    r = gpd("plan", f"{name}:Rolled", "--input-shape", "1,3,8,8", "--json")
+    r = gpd("plan", f"{name}:Shuffled", "--input-shape", "1,3,8,8", "--json")
     rep = json.loads(r.output)
-    frozen = [s for s in rep["spaces"] if s["status"] == "frozen" and "torch.roll" in s["reason"]]
+    op = f"{name}.shuffle"
+    frozen = [s for s in rep["spaces"] if s["status"] == "frozen" and op in s["reason"]]
     assert len(frozen) == 1 and frozen[0]["size"] == 8 and frozen[0]["expanded_size"] == 8
-    assert {u["node"] for u in frozen[0]["used_by"]} == {"a", "roll"}
-    assert rep["unsupported_ops"] == ["torch.roll"] and rep["spaces_frozen"] == 1
-    r = gpd("plan", f"{name}:Rolled", "--input-shape", "1,3,8,8")
-    assert r.exit_code == 0 and "unsupported op torch.roll" in r.output and "teacher parameters" in r.output
+    assert {u["node"] for u in frozen[0]["used_by"]} == {"a", "shuffle"}
+    expanded = [s for s in rep["spaces"] if s["status"] == "expanded"]
+    assert [(s["size"], s["expanded_size"]) for s in expanded] == [(8, 16)]
+    assert rep["unsupported_ops"] == [op] and rep["spaces_frozen"] == 1
+    r = gpd("plan", f"{name}:Shuffled", "--input-shape", "1,3,8,8")
+    assert r.exit_code == 0 and "frozen: unsupported op" in r.output and "teacher parameters" in r.output
 
 
 def test_inspect_teacher_and_student(teacher, tmp_path):
