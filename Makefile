@@ -5,7 +5,7 @@ GPD    := $(VENV)/bin/gpd
 DEMO   := build/demo
 MODEL  := gpd_surgery.examples:small_cnn
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast zoo clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -27,6 +27,10 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
+
+# Every torchvision classification model at ratio 2 (long: about an hour on 2 cores); writes docs/zoo.md.
+zoo: install
+	$(PY) -m gpd_surgery.zoo --ratio 2 --output docs/zoo.md
 
 clean:
 	rm -rf build .pytest_cache .hypothesis

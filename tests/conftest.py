@@ -25,3 +25,12 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 @pytest.fixture
 def tmp(tmp_path):
     return tmp_path
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage():
+    """fx graphs hold reference cycles: free each test's teacher before the next allocates its own."""
+    yield
+    import gc
+
+    gc.collect()

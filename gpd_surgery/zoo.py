@@ -1,0 +1,161 @@
+"""Expand, verify and extract every torchvision classification model; a table and docs/zoo.md.
+
+Run with ``make zoo`` or ``python -m gpd_surgery.zoo [--ratio R] [--output docs/zoo.md] [NAME...]``.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import platform
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .api import expand
+from .collapse import collapse
+from .memory import available_bytes
+from .verify import TOLERANCE, _no_tf32, _outputs
+
+TRANSFORMERS = ("vit", "swin", "maxvit")
+
+
+def input_shape(name: str) -> tuple[int, ...]:
+    """Small inputs where the architecture allows them; ViTs and windowed models need their own size."""
+    if any(name.startswith(p) for p in TRANSFORMERS):
+        return (1, 3, 224, 224)
+    if name == "inception_v3":
+        return (1, 3, 128, 128)
+    return (1, 3, 64, 64)
+
+
+@dataclass
+class Row:
+    model: str
+    input: str
+    student: int = 0
+    teacher: int = 0
+    frozen: int = 0
+    f32: float | None = None
+    f64: float | None = None
+    extract: float | None = None
+    seconds: float = 0.0
+    note: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return (self.f32 is not None and self.f32 <= TOLERANCE[torch.float32] and self.f64 is not None
+                and self.f64 <= TOLERANCE[torch.float64] and self.extract is not None and self.extract <= 1e-6)
+
+
+@torch.no_grad()
+def _rel(student: torch.nn.Module, teacher: torch.nn.Module, x: torch.Tensor) -> float:
+    err, scale = 0.0, 0.0
+    with _no_tf32():
+        for ys, yt in zip(_outputs(student(x)), _outputs(teacher(x)), strict=True):
+            err = max(err, (ys - yt).abs().max().item())
+            scale = max(scale, ys.abs().max().item())
+    return err / scale if scale else err
+
+
+@torch.no_grad()
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point():
+            if name.endswith("running_var"):
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+            elif name.endswith("running_mean"):
+                t.copy_(torch.randn(t.shape, generator=g) * 0.1)
+            else:
+                t.add_(torch.randn(t.shape, generator=g) * 0.02)
+    return model.eval()
+
+
+def run_one(name: str, ratio: float) -> Row:
+    import torchvision
+
+    shape = input_shape(name)
+    row = Row(name, "x".join(map(str, shape[2:])))
+    t0 = time.perf_counter()
+    try:
+        torch.manual_seed(0)
+        model = randomize(torchvision.models.get_model(name, weights=None))
+        res = expand(model, shape, ratio, seed=0)
+        summary = res.summary()
+        row.student, row.teacher, row.frozen = summary["student_params"], summary["teacher_params"], summary["spaces_frozen"]
+        back = collapse(res.plan, res.tensors)
+        row.extract = max((back[k].double() - v.double()).abs().max().item()
+                          for k, v in model.state_dict().items() if v.numel() and v.is_floating_point())
+        del back
+        teacher = res.teacher().eval()
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+        row.f32 = _rel(model, teacher, x)
+        need = 2 * sum(t.numel() * 8 for t in teacher.state_dict().values())
+        plan = res.plan
+        del res
+        gc.collect()
+        free = available_bytes()
+        if free is not None and need > 0.8 * free:
+            row.note = f"float64 skipped: the teacher needs {need / 2**30:.1f} GiB in float64"
+        else:
+            row.f64 = _rel(model.double(), teacher.double(), x.double())
+        if plan.report.get("frozen"):
+            row.note = (row.note + "; " if row.note else "") + plan.report["frozen"][0]["reason"]
+    except Exception as e:  # one model's failure is a row, not the end of the run
+        row.note = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    row.seconds = time.perf_counter() - t0
+    gc.collect()
+    return row
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.1e}"
+
+
+def markdown(rows: list[Row], ratio: float) -> str:
+    ok = sum(r.passed for r in rows)
+    lines = [
+        "# The torchvision zoo at ratio %g" % ratio, "",
+        f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}. "
+        "Random weights and BatchNorm statistics; one random input; relative error = max|teacher - student| / "
+        "max|student|; extract = max abs difference of the collapsed weights. Produced by `make zoo`.", "",
+        "| model | input | student params | teacher params | x | frozen | float32 rel | float64 rel | extract | result | s | note |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
+    ]
+    for r in rows:
+        x = r.teacher / r.student if r.student else 0
+        lines.append(f"| {r.model} | {r.input} | {r.student:,} | {r.teacher:,} | {x:.2f} | {r.frozen} | {_fmt(r.f32)} | "
+                     f"{_fmt(r.f64)} | {_fmt(r.extract)} | {'pass' if r.passed else 'FAIL'} | {r.seconds:.0f} | {r.note} |")
+    lines += ["", f"**{ok} of {len(rows)} models pass.**", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torchvision
+    from rich.console import Console
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("names", nargs="*")
+    ap.add_argument("--ratio", type=float, default=2.0)
+    ap.add_argument("--output", default="docs/zoo.md")
+    a = ap.parse_args(argv)
+    names = a.names or sorted(torchvision.models.list_models(module=torchvision.models))
+    console = Console()
+    rows: list[Row] = []
+    for name in names:
+        row = run_one(name, a.ratio)
+        rows.append(row)
+        console.print(f"{name:24s} {'[green]pass[/]' if row.passed else '[red]FAIL[/]'} f32 {_fmt(row.f32)} "
+                      f"f64 {_fmt(row.f64)} extract {_fmt(row.extract)} x{row.teacher / max(row.student, 1):.2f} "
+                      f"frozen {row.frozen} {row.seconds:.0f}s {row.note}", highlight=False)
+        with open(a.output, "w") as f:
+            f.write(markdown(rows, a.ratio))
+    ok = sum(r.passed for r in rows)
+    console.print(f"{ok} of {len(rows)} models pass")
+    return 0 if ok == len(rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
