@@ -19,6 +19,8 @@ from .layout import BOUNDARY, Layout, Spaces
 from .trace import TensorSpec
 
 Dims = Any  # list[Layout] for a tensor, tuple of Dims for a tuple, None otherwise
+ModuleHook = Callable[[nn.Module, Any], "nn.Module | None"]
+NodeHook = Callable[[fx.Node, Any], None]
 
 
 @dataclass
@@ -33,8 +35,10 @@ class Analysis:
     spaces: Spaces
     dims: dict[str, Dims]
     params: dict[str, ParamInfo]
-    module_hooks: dict[str, Callable[[nn.Module, Callable[[Layout], int]], None]] = field(default_factory=dict)
-    node_hooks: dict[str, Callable[[fx.Node, Callable[[Layout], int]], None]] = field(default_factory=dict)
+    # Build hooks get the teacher module (or node) and an ``expand.Sizes``; a module hook may return a
+    # replacement module (e.g. a weighted LayerNorm at a fractional ratio).
+    module_hooks: dict[str, ModuleHook] = field(default_factory=dict)
+    node_hooks: dict[str, NodeHook] = field(default_factory=dict)
     unsupported: dict[str, str] = field(default_factory=dict)  # node name -> op description
 
 
@@ -116,11 +120,11 @@ class Ctx:
             raise TypeError(f"{qualname} is not a tensor")
         return t
 
-    def on_build_module(self, hook: Callable[[nn.Module, Callable[[Layout], int]], None]) -> None:
+    def on_build_module(self, hook: ModuleHook) -> None:
         assert self.node is not None
         self.result.module_hooks[str(self.node.target)] = hook
 
-    def on_build_node(self, hook: Callable[[fx.Node, Callable[[Layout], int]], None]) -> None:
+    def on_build_node(self, hook: NodeHook) -> None:
         assert self.node is not None
         self.result.node_hooks[self.node.name] = hook
 

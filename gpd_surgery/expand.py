@@ -147,6 +147,29 @@ def expand_tensors(plan: Plan, state: dict[str, torch.Tensor], maps: Maps | None
     return out
 
 
+class Sizes:
+    """What build hooks see: teacher sizes and maps of layouts, and a way to add constant tensors."""
+
+    def __init__(self, maps: Maps, graph: fx.Graph, root: nn.Module) -> None:
+        self.maps, self.graph, self.root = maps, graph, root
+
+    def __call__(self, lay: Any) -> int:
+        return self.maps.tsize(lay)
+
+    def src(self, lay: Any) -> torch.Tensor | None:
+        return self.maps.src(lay)
+
+    def student(self, lay: Any) -> int:
+        return self.maps.size(lay)
+
+    def constant(self, before: fx.Node, value: torch.Tensor) -> fx.Node:
+        """A non-persistent buffer of the teacher, read by a get_attr node inserted before ``before``."""
+        name = f"_gpd_const_{len([n for n in self.root._buffers if n.startswith('_gpd_const_')])}"
+        self.root.register_buffer(name, value, persistent=False)
+        with self.graph.inserting_before(before):
+            return self.graph.get_attr(name)
+
+
 def build_teacher(student: Student, maps: Maps, tensors: dict[str, torch.Tensor]) -> fx.GraphModule:
     """A GraphModule computing the teacher: the student's graph over widened modules, with rewritten shapes."""
     gm, analysis = student.gm, student.analysis
@@ -154,6 +177,7 @@ def build_teacher(student: Student, maps: Maps, tensors: dict[str, torch.Tensor]
     env: dict[fx.Node, fx.Node] = {}
     graph.output(graph.graph_copy(gm.graph, env))
     root = nn.Module()
+    sizes = Sizes(maps, graph, root)
     for node in gm.graph.nodes:
         if node.op == "call_module":
             target = str(node.target)
@@ -162,7 +186,7 @@ def build_teacher(student: Student, maps: Maps, tensors: dict[str, torch.Tensor]
             mod = _clone(gm.get_submodule(target), target + ".", tensors)
             hook = analysis.module_hooks.get(target)
             if hook is not None:
-                hook(mod, maps.tsize)
+                mod = hook(mod, sizes) or mod
             _install(root, target, mod)
         elif node.op == "get_attr":
             target = str(node.target)
@@ -176,9 +200,11 @@ def build_teacher(student: Student, maps: Maps, tensors: dict[str, torch.Tensor]
     for old, new in env.items():
         hook = analysis.node_hooks.get(old.name)
         if hook is not None:
-            hook(new, maps.tsize)
+            hook(new, sizes)
     graph.lint()
-    return fx.GraphModule(root, graph, "Teacher")
+    teacher = fx.GraphModule(root, graph, "Teacher")
+    teacher._non_persistent_buffers_set.update(n for n in teacher._buffers if n.startswith("_gpd_const_"))
+    return teacher
 
 
 def getattr_path(obj: Any, path: str) -> Any:

@@ -23,6 +23,8 @@ from torch import nn
 from .analyse import Ctx, Dims
 from .errors import GPDError
 from .layout import Cat, Layout, Prod
+from .teacher_ops import (WeightedLayerNorm, WeightedRMSNorm, copy_weights, is_uniform, weighted_layer_norm,
+                          weighted_rms_norm)
 
 Rule = Callable[[Ctx], Dims]
 RULES: dict[Any, Rule] = {}
@@ -167,7 +169,7 @@ def conv(ctx: Ctx) -> Dims:
     if m.bias is not None:
         ctx.unify(ctx.param(f"{name}.bias", ["copy"])[0], W[0])
 
-    def build(t: nn.Module, size: Callable[[Layout], int]) -> None:
+    def build(t: nn.Module, size: Any) -> None:
         t.in_channels, t.out_channels = size(xd[c]), size(W[0])
         t.groups = size(groups) if groups is not None else 1
 
@@ -185,7 +187,7 @@ def linear(ctx: Ctx) -> Dims:
     if ctx.module(ctx.node).bias is not None:
         ctx.unify(ctx.param(f"{name}.bias", ["copy"])[0], W[0])
 
-    def build(t: nn.Module, size: Callable[[Layout], int]) -> None:
+    def build(t: nn.Module, size: Any) -> None:
         t.in_features, t.out_features = size(W[1]), size(W[0])
 
     ctx.on_build_module(build)
@@ -207,7 +209,7 @@ def batch_norm(ctx: Ctx) -> Dims:
     xd = ctx.dims(_first(ctx))
     _per_channel(ctx, xd[1], ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"))
 
-    def build(t: nn.Module, size: Callable[[Layout], int]) -> None:
+    def build(t: nn.Module, size: Any) -> None:
         t.num_features = size(xd[1])
 
     ctx.on_build_module(build)
@@ -224,7 +226,7 @@ def group_norm(ctx: Ctx) -> Dims:
     ctx.unify(xd[1], Prod((groups, within)))
     _per_channel(ctx, xd[1], ("weight", "bias"))
 
-    def build(t: nn.Module, size: Callable[[Layout], int]) -> None:
+    def build(t: nn.Module, size: Any) -> None:
         t.num_groups, t.num_channels = size(groups), size(xd[1])
 
     ctx.on_build_module(build)
@@ -241,7 +243,7 @@ def prelu(ctx: Ctx) -> Dims:
     else:
         ctx.param(f"{ctx.node.target}.weight", [])
 
-    def build(t: nn.Module, size: Callable[[Layout], int]) -> None:
+    def build(t: nn.Module, size: Any) -> None:
         t.num_parameters = size(channel) if m.num_parameters > 1 else 1
 
     ctx.on_build_module(build)
@@ -373,7 +375,7 @@ def reshape(ctx: Ctx) -> Dims:
         for j, f in zip(gj, fresh):
             out[j] = f
     if str(ctx.node.target) in ("view", "reshape") or ctx.node.target is torch.reshape:
-        def rewrite(n: fx.Node, size: Callable[[Layout], int]) -> None:
+        def rewrite(n: fx.Node, size: Any) -> None:
             sizes, as_seq = _size_args(n)
             new = [s if s == -1 or size(lay) == b[d] else size(lay) for d, (s, lay) in enumerate(zip(sizes, out))]
             n.args = (n.args[0], tuple(new)) if as_seq or n.kwargs else (n.args[0], *new)
@@ -391,7 +393,7 @@ def expand(ctx: Ctx) -> Dims:
     xd, a, b = ctx.dims(x), ctx.shape(x), ctx.shape(ctx.node)
     lead = len(b) - len(a)
     out = ctx.fresh(b[:lead]) + [xd[i] if a[i] == b[lead + i] else ctx.spaces.new(b[lead + i]) for i in range(len(a))]
-    def rewrite(n: fx.Node, size: Callable[[Layout], int]) -> None:
+    def rewrite(n: fx.Node, size: Any) -> None:
         sizes, as_seq = _size_args(n)
         new = [s if s == -1 or size(lay) == b[d] else size(lay) for d, (s, lay) in enumerate(zip(sizes, out))]
         n.args = (n.args[0], tuple(new)) if as_seq else (n.args[0], *new)
@@ -460,7 +462,7 @@ def split(ctx: Ctx) -> Dims:
     if is_unbind:
         return tuple([lay for k, lay in enumerate(xd) if k != d] for _ in outs)
 
-    def rewrite(n: fx.Node, size: Callable[[Layout], int]) -> None:
+    def rewrite(n: fx.Node, size: Any) -> None:
         n.target = "split" if n.op == "call_method" else torch.split
         n.args, n.kwargs = (n.args[0], [size(p) for p in pieces]), {"dim": d}
 
@@ -552,6 +554,15 @@ def _layer_norm(ctx: Ctx, x: fx.Node, k: int, weight: list[Layout] | None, bias:
     return list(xd)
 
 
+def _norm_copies(size: Any, out: list[Layout], k: int) -> torch.Tensor | None:
+    """Copy weights over the normalized dims, or None where every channel has as many copies."""
+    lay = Prod(tuple(out[len(out) - k :]))
+    src = size.src(lay)
+    if src is None or is_uniform(src, size.student(lay)):
+        return None
+    return copy_weights(src, size.student(lay))
+
+
 @register(nn.LayerNorm, nn.RMSNorm)
 def layer_norm(ctx: Ctx) -> Dims:
     m = ctx.module(ctx.node)
@@ -562,8 +573,12 @@ def layer_norm(ctx: Ctx) -> Dims:
     x = _first(ctx)
     out = _layer_norm(ctx, x, k, w, b)
 
-    def build(t: nn.Module, size: Callable[[Layout], int]) -> None:
+    def build(t: nn.Module, size: Any) -> nn.Module | None:
         t.normalized_shape = tuple(size(lay) for lay in out[len(out) - k :])
+        copies = _norm_copies(size, out, k)
+        if copies is None:
+            return None
+        return WeightedRMSNorm(t, copies) if isinstance(t, nn.RMSNorm) else WeightedLayerNorm(t, copies)
 
     ctx.on_build_module(build)
     return out
@@ -572,22 +587,26 @@ def layer_norm(ctx: Ctx) -> Dims:
 @register(F.layer_norm, F.rms_norm)
 def layer_norm_function(ctx: Ctx) -> Dims:
     x = _first(ctx)
+    is_ln = ctx.node.target is F.layer_norm
     k = len(ctx.arg(1, "normalized_shape"))
     w = _attr_param(ctx, ctx.arg(2, "weight"), ["copy"] * k)
-    b = _attr_param(ctx, ctx.arg(3, "bias"), ["copy"] * k) if ctx.node.target is F.layer_norm else None
-    if any(isinstance(a, fx.Node) and ctx.is_tensor(a) and p is None
-           for a, p in ((ctx.arg(2, "weight"), w), (ctx.arg(3, "bias"), b if ctx.node.target is F.layer_norm else 0))):
+    b = _attr_param(ctx, ctx.arg(3, "bias"), ["copy"] * k) if is_ln else None
+    computed = [(ctx.arg(2, "weight"), w)] + ([(ctx.arg(3, "bias"), b)] if is_ln else [])
+    if any(isinstance(a, fx.Node) and p is None for a, p in computed):
         return ctx.unsupported(f"{ctx.node.target.__name__} with computed affine parameters")
     out = _layer_norm(ctx, x, k, w, b)
+    eps_at = 4 if is_ln else 3
 
-    def rewrite(n: fx.Node, size: Callable[[Layout], int]) -> None:
-        args = list(n.args)
+    def rewrite(n: fx.Node, size: Any) -> None:
         shape = tuple(size(lay) for lay in out[len(out) - k :])
-        if len(args) > 1:
-            args[1] = shape
-        else:
-            n.kwargs = {**n.kwargs, "normalized_shape": shape}
-        n.args = tuple(args)
+        full = [n.args[0], shape] + [n.kwargs.get(key, d) if len(n.args) <= i else n.args[i] for i, key, d in
+                                     ((2, "weight", None), (3, "bias", None), (4, "eps", 1e-5))[: eps_at - 1]]
+        copies = _norm_copies(size, out, k)
+        if copies is None:
+            n.args, n.kwargs = tuple(full), {}
+            return
+        n.target = weighted_layer_norm if is_ln else weighted_rms_norm
+        n.args, n.kwargs = (*full, size.constant(n, copies)), {}
 
     ctx.on_build_node(rewrite)
     return out
@@ -607,6 +626,13 @@ def _heads(ctx: Ctx, proj_out: Layout, num_heads: int, head_dim: int, parts: int
     return heads
 
 
+def _width_in_heads(ctx: Ctx, width: Layout, num_heads: int, head_dim: int) -> None:
+    """Ops that derive head_dim as width // heads need the input width to widen by whole heads: structure
+    it as (blocks, head_dim) so that fractional ratios round on the number of blocks, like the heads."""
+    blocks = ctx.expandable(num_heads)
+    ctx.unify(width, Prod((blocks, ctx.spaces.new(head_dim, frozen=HEAD_DIM))))
+
+
 @register(nn.MultiheadAttention)
 def multihead_attention(ctx: Ctx) -> Dims:
     m: nn.MultiheadAttention = ctx.module(ctx.node)  # type: ignore[assignment]
@@ -616,6 +642,7 @@ def multihead_attention(ctx: Ctx) -> Dims:
     q, k, v = (ctx.arg(i, n) for i, n in enumerate(("query", "key", "value")))
     W = ctx.param(f"{name}.in_proj_weight", ["copy", "share"])
     heads = _heads(ctx, W[0], m.num_heads, m.head_dim)
+    _width_in_heads(ctx, W[1], m.num_heads, m.head_dim)
     for t in (q, k, v):
         ctx.unify(ctx.dims(t)[-1], W[1])
     if m.in_proj_bias is not None:
@@ -626,7 +653,7 @@ def multihead_attention(ctx: Ctx) -> Dims:
     if m.out_proj.bias is not None:
         ctx.unify(ctx.param(f"{name}.out_proj.bias", ["copy"])[0], O[0])
 
-    def build(t: nn.Module, size: Callable[[Layout], int]) -> None:
+    def build(t: nn.Module, size: Any) -> None:
         width, h = size(W[1]), size(heads)
         if width != h * m.head_dim:  # nn.MultiheadAttention derives head_dim from the width
             raise GPDError(f"{name}: nn.MultiheadAttention needs width == heads x head_dim, teacher has "
@@ -784,6 +811,7 @@ try:  # torchvision's Swin wraps its attention and patch merging for fx: rules f
             return ctx.unsupported("shifted_window_attention with computed weights")
         head_dim = ctx.shape(x)[-1] // num_heads
         heads = _heads(ctx, W[0], num_heads, head_dim)
+        _width_in_heads(ctx, W[1], num_heads, head_dim)
         ctx.unify(xd[-1], W[1])
         ctx.spaces.mark_expandable(P[0])
         ctx.unify(P[1], Prod((heads, ctx.spaces.new(head_dim, frozen=HEAD_DIM))))
@@ -796,7 +824,7 @@ try:  # torchvision's Swin wraps its attention and patch merging for fx: rules f
         if isinstance(scale, fx.Node):
             ctx.unify(ctx.dims(scale)[0], heads)
 
-        def rewrite(n: fx.Node, size: Callable[[Layout], int]) -> None:
+        def rewrite(n: fx.Node, size: Any) -> None:
             if size(xd[-1]) != size(heads) * head_dim:  # the function derives head_dim from the width
                 raise GPDError(f"{n.name}: shifted_window_attention needs width == heads x head_dim "
                                f"({size(xd[-1])} != {size(heads)} x {head_dim}; use an integer ratio)")
