@@ -78,8 +78,11 @@ def write_safetensors(f: IO[bytes], tensors: dict[str, torch.Tensor], metadata: 
 def atomic_save(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> None:
     """Write a safetensors file and move it into place complete: a failed run leaves no partial output."""
     parent = os.path.dirname(os.path.abspath(path))
-    if not _save_unnamed(tensors, path, parent, metadata):
-        _save_named(tensors, path, parent, metadata)
+    try:
+        if not _save_unnamed(tensors, path, parent, metadata):
+            _save_named(tensors, path, parent, metadata)
+    except OSError as e:  # a full disk or a read-only directory is the user's to fix, not a bug
+        raise GPDError(f"cannot write {path}: {e.strerror or e}") from None
     _fsync_dir(parent)
 
 
