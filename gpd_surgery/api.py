@@ -11,7 +11,9 @@ import torch.fx as fx
 from torch import nn
 
 from .collapse import collapse
-from .expand import Student, build_teacher, check_ratio, expand_tensors, make_plan, prepare, student_state
+from .branches import parse as parse_branches
+from .expand import (Student, build_teacher, check_ratio, expand_tensors, init_branch_tensors, make_plan,
+                     plan_branches, prepare, student_state)
 from .io import load_teacher_file, save_teacher
 from .maps import Maps
 from .plan import DTYPES, Plan
@@ -29,7 +31,7 @@ class Expanded:
     seconds: float
 
     def teacher(self) -> fx.GraphModule:
-        return build_teacher(self.student, self.maps, self.tensors)
+        return build_teacher(self.student, self.maps, self.tensors, self.plan.branches)
 
     def save(self, path: str) -> None:
         save_teacher(path, self.plan, self.tensors)
@@ -60,25 +62,31 @@ class Planned:
         t0 = time.perf_counter()
         with torch.no_grad():
             tensors = expand_tensors(self.plan, student_state(self.model), self.maps)
+            init_branch_tensors(self.plan, tensors)
         return Expanded(self.plan, tensors, self.student, self.maps, self.seconds + time.perf_counter() - t0)
 
 
 def plan_expansion(model: nn.Module, input_shape: tuple[int, ...], ratio: float = 2.0, *, seed: int = 0,
-                   equal_shares: bool = False, source: dict[str, Any] | None = None) -> Planned:
-    """Trace and analyse ``model`` and plan its widening by ``ratio``; no teacher tensor is made yet."""
+                   equal_shares: bool = False, source: dict[str, Any] | None = None,
+                   branches: str | tuple[str, ...] = ()) -> Planned:
+    """Trace and analyse ``model`` and plan its widening by ``ratio`` (with ``branches``, e.g. "default" or
+    ("kxk", "lowrank")); no teacher tensor is made yet."""
     ratio = check_ratio(ratio)
     t0 = time.perf_counter()
     model = model.eval()
     student = prepare(model, tuple(input_shape))
     source = {"input_shape": list(input_shape), **(source or {})}
     plan, maps = make_plan(student, model, ratio, seed, equal_shares, source)
+    plan_branches(plan, student, parse_branches(branches) if isinstance(branches, str) else tuple(branches))
     return Planned(model, student, plan, maps, time.perf_counter() - t0)
 
 
 def expand(model: nn.Module, input_shape: tuple[int, ...], ratio: float = 2.0, *, seed: int = 0,
-           equal_shares: bool = False, source: dict[str, Any] | None = None) -> Expanded:
+           equal_shares: bool = False, source: dict[str, Any] | None = None,
+           branches: str | tuple[str, ...] = ()) -> Expanded:
     """Widen ``model`` by ``ratio`` so that the teacher computes exactly the student's function."""
-    return plan_expansion(model, input_shape, ratio, seed=seed, equal_shares=equal_shares, source=source).build()
+    return plan_expansion(model, input_shape, ratio, seed=seed, equal_shares=equal_shares, source=source,
+                          branches=branches).build()
 
 
 def extract(path: str) -> dict[str, torch.Tensor]:

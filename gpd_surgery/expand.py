@@ -10,10 +10,12 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from . import branches
 from .analyse import Analysis, analyse, frozen_report
 from .errors import GPDError
 from .maps import Maps, leaf_src
 from .plan import DTYPE_NAMES, STUDENT_PREFIX, Plan, Recipe
+from .rules import conv, linear, lookup
 from .trace import propagate, trace
 
 
@@ -147,6 +149,27 @@ def expand_tensors(plan: Plan, state: dict[str, torch.Tensor], maps: Maps | None
     return out
 
 
+def plan_branches(plan: Plan, student: Student, kinds: tuple[str, ...]) -> None:
+    """Record, for every teacher conv and linear, the branch kinds that fit it."""
+    teacher_weights = {r.key for r in plan.recipes if r.kind == "param" and r.teacher}
+    for node in student.gm.graph.nodes:
+        key = f"{node.target}.weight"
+        if node.op != "call_module" or key not in teacher_weights or lookup(node, student.gm) not in (conv, linear):
+            continue
+        fit = branches.applicable(kinds, student.gm.get_submodule(node.target))
+        if fit:
+            plan.branches[key] = list(fit)
+
+
+def init_branch_tensors(plan: Plan, tensors: dict[str, torch.Tensor]) -> None:
+    """Random branch parameters with zero scales, so the teacher stays exact."""
+    g = torch.Generator().manual_seed(plan.seed * 7919 + 17)
+    for key, kinds in plan.branches.items():
+        prefix = key[: -len("weight")]
+        for name, t in branches.init_branches(tuple(kinds), tensors[key], g).items():
+            tensors[prefix + name] = t
+
+
 class Sizes:
     """What build hooks see: teacher sizes and maps of layouts, and a way to add constant tensors."""
 
@@ -170,8 +193,11 @@ class Sizes:
             return self.graph.get_attr(name)
 
 
-def build_teacher(student: Student, maps: Maps, tensors: dict[str, torch.Tensor]) -> fx.GraphModule:
-    """A GraphModule computing the teacher: the student's graph over widened modules, with rewritten shapes."""
+def build_teacher(student: Student, maps: Maps, tensors: dict[str, torch.Tensor],
+                  plan_branches: dict[str, list[str]] | None = None) -> fx.GraphModule:
+    """A GraphModule computing the teacher: the student's graph over widened modules (with their branches),
+    with rewritten shapes."""
+    plan_branches = plan_branches or {}
     gm, analysis = student.gm, student.analysis
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
@@ -187,6 +213,7 @@ def build_teacher(student: Student, maps: Maps, tensors: dict[str, torch.Tensor]
             hook = analysis.module_hooks.get(target)
             if hook is not None:
                 mod = hook(mod, sizes) or mod
+            mod = branches.attach(mod, tuple(plan_branches.get(target + ".weight", ())), tensors, target + ".")
             _install(root, target, mod)
         elif node.op == "get_attr":
             target = str(node.target)

@@ -17,6 +17,7 @@ import torch
 
 from .errors import PlanError
 from .layout import Cat, Layout, Prod
+from .branches import branch_shapes
 from .maps import Maps
 
 FORMAT = "gpd-surgery/teacher"
@@ -56,6 +57,7 @@ class Plan:
     leaves: dict[int, tuple[int, torch.Tensor | None]]
     recipes: list[Recipe]
     report: dict[str, Any] = field(default_factory=dict)
+    branches: dict[str, list[str]] = field(default_factory=dict)  # teacher weight -> branch kinds
 
     @property
     def maps(self) -> Maps:
@@ -85,6 +87,7 @@ class Plan:
                     for r in self.recipes
                 ],
                 "report": self.report,
+                "branches": self.branches,
             },
             separators=(",", ":"),
         )
@@ -111,6 +114,12 @@ class Plan:
                 if name in out:  # e.g. a tensor named student/x next to a buffer x
                     raise PlanError(f"invalid plan: two tensors would be stored as {name}")
                 out[name] = (r.teacher_shape(maps) if name == r.key else r.shape, r.dtype)
+            for kind in self.branches.get(r.key, ()):
+                for name, shape in branch_shapes(kind, r.teacher_shape(maps)).items():
+                    full = r.key[: -len("weight")] + name
+                    if full in out:
+                        raise PlanError(f"invalid plan: two tensors would be stored as {full}")
+                    out[full] = (shape, r.dtype)
         return out
 
     def file_bytes(self) -> int:
@@ -208,7 +217,8 @@ def _parse(obj: Any) -> Plan:
             parsed.append((d, lay, e[2]))
         recipes.append(Recipe(key, kind, shape, dtype, teacher, parsed))
     report = _report(obj.get("report", {}))
-    plan = Plan(float(ratio), seed, obj["equal_shares"], source, leaves, recipes, report)
+    plan = Plan(float(ratio), seed, obj["equal_shares"], source, leaves, recipes, report,
+                _branches(obj.get("branches", {}), recipes))
     plan.file_tensors()  # refuses name clashes now rather than when the file is read
     return plan
 
@@ -244,6 +254,24 @@ def _report(v: Any) -> dict[str, Any]:
     _need(isinstance(unsupported, list) and all(isinstance(u, str) for u in unsupported),
           "report.unsupported must list strings")
     return v
+
+
+def _branches(v: Any, recipes: list[Recipe]) -> dict[str, list[str]]:
+    from .branches import CONV_KINDS, LINEAR_KINDS
+
+    _need(isinstance(v, dict), "branches must be an object")
+    weights = {r.key: r for r in recipes if r.kind == "param" and r.teacher}
+    out: dict[str, list[str]] = {}
+    for key, kinds in v.items():
+        r = weights.get(key)
+        _need(r is not None and key.endswith("weight") and len(r.shape) >= 2,
+              f"branches name {_short(key)}, which is not a teacher weight")
+        _need(isinstance(kinds, list) and 0 < len(kinds) <= 8 and len(set(map(str, kinds))) == len(kinds)
+              and all(k in CONV_KINDS + LINEAR_KINDS for k in kinds), f"branches of {_short(key)} are malformed")
+        _need(all((k in LINEAR_KINDS) == (len(r.shape) == 2) for k in kinds),
+              f"branches of {_short(key)} do not fit a weight of {len(r.shape)} dims")
+        out[key] = list(kinds)
+    return out
 
 
 def _lay_from_json(v: Any, leaves: dict, key: str, depth: int = 0) -> Layout:

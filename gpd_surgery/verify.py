@@ -62,7 +62,7 @@ def rebuild(model: nn.Module, plan: Plan, tensors: dict[str, torch.Tensor], inpu
     mine, theirs = _structure(again), _structure(plan)
     if mine != theirs:
         raise GPDError(f"the teacher was not made from this model ({_first_difference(mine, theirs)})")
-    return student, maps, build_teacher(student, maps, tensors)
+    return student, maps, build_teacher(student, maps, tensors, plan.branches)
 
 
 def _structure(plan: Plan) -> dict[str, Any]:

@@ -1,0 +1,50 @@
+"""The student as a differentiable function of the teacher's parameters (parameter sharing in GPD).
+
+``StudentView(teacher, plan, student)`` computes the student's forward from
+``collapse(teacher parameters)`` and the student's own buffers: gradients of a loss on the
+student's output reach the teacher's parameters, and the student's BatchNorm statistics stay its own.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.func import functional_call
+
+from .collapse import collapse
+from .plan import Plan
+
+
+def strip_parameters(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` that keeps its buffers and has no parameters (they come from the teacher)."""
+    out = copy.deepcopy(gm)
+    for name, _ in list(out.named_parameters()):
+        owner, _, attr = name.rpartition(".")
+        delattr(out.get_submodule(owner) if owner else out, attr)
+    return out
+
+
+class StudentView(nn.Module):
+    def __init__(self, teacher: nn.Module, plan: Plan, student: fx.GraphModule) -> None:
+        super().__init__()
+        self.teacher = teacher
+        self.plan = plan
+        self._param_keys = {k for k, _ in student.named_parameters()}
+        self.student = strip_parameters(student)
+
+    def student_parameters(self) -> dict[str, torch.Tensor]:
+        """The student's parameters, collapsed from the teacher's (differentiable)."""
+        tensors = dict(self.teacher.named_parameters())
+        return collapse(self.plan, tensors, buffers=False, keys=self._param_keys)
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.student, self.student_parameters(), args)
+
+    def student_state_dict(self) -> dict[str, torch.Tensor]:
+        """Collapsed parameters and the student's own buffers, detached: what `gpd extract` writes."""
+        with torch.no_grad():
+            state = {k: v.detach() for k, v in self.student_parameters().items()}
+        state.update({k: v.detach() for k, v in self.student.named_buffers()})
+        return state
