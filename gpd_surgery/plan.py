@@ -138,6 +138,7 @@ MAX_INT = 2**62
 MAX_SEED = 2**32 - 1
 MAX_DIMS = 8
 MAX_DEPTH = 64
+MAX_PARTS = 4096  # spaces in one layout: real ones have a few (groups x channels), concatenations dozens
 MAX_INPUT = 2**31  # elements of the recorded input shape
 
 
@@ -184,7 +185,6 @@ def _parse(obj: Any) -> Plan:
         t = torch.tensor(src, dtype=torch.long)
         _need(bool((torch.bincount(t, minlength=size) > 0).all()), f"space {k} map leaves a channel without a copy")
         leaves[int(k)] = (size, t)
-    maps = Maps(leaves)
     tensors = obj.get("tensors")
     _need(isinstance(tensors, list) and tensors, "tensors must be a non-empty list")
     recipes: list[Recipe] = []
@@ -209,11 +209,12 @@ def _parse(obj: Any) -> Plan:
             _need(isinstance(e, list) and len(e) == 3, f"{key}: each dim entry is [dim, layout, mode]")
             d = _int(e[0], f"{key} dim", 0, MAX_DIMS)
             _need(d < len(shape) and d not in [p[0] for p in parsed], f"{key}: dim {d} out of range or repeated")
-            lay = _lay_from_json(e[1], leaves, key)
+            lay = _lay_from_json(e[1], leaves, key, [0])
             _need(isinstance(e[2], str) and e[2] in MODES, f"{key}: mode must be one of {MODES}")
             # Summing copies is only the inverse of splitting for floats; integer tensors are copied.
             _need(e[2] == "copy" or DTYPES[dtype].is_floating_point, f"{key}: share mode needs a floating dtype")
-            _need(maps.size(lay) == shape[d], f"{key}: dim {d} layout has size {maps.size(lay)}, tensor {shape[d]}")
+            size = _sizes(lay, leaves, key)[0]
+            _need(size == shape[d], f"{key}: dim {d} layout has size {size}, tensor {shape[d]}")
             parsed.append((d, lay, e[2]))
         recipes.append(Recipe(key, kind, shape, dtype, teacher, parsed))
     report = _report(obj.get("report", {}))
@@ -274,16 +275,33 @@ def _branches(v: Any, recipes: list[Recipe]) -> dict[str, list[str]]:
     return out
 
 
-def _lay_from_json(v: Any, leaves: dict, key: str, depth: int = 0) -> Layout:
+def _lay_from_json(v: Any, leaves: dict, key: str, count: list[int], depth: int = 0) -> Layout:
     _need(depth < MAX_DEPTH, f"{key}: layout nested too deeply")
     if _is_int(v):
         _need(v in leaves, f"{key}: layout names unknown space {_short(v)}")
+        count[0] += 1
+        _need(count[0] <= MAX_PARTS, f"{key}: layout has more than {MAX_PARTS} parts")
         return v
     _need(isinstance(v, dict) and len(v) == 1 and next(iter(v)) in ("p", "c"), f"{key}: malformed layout")
     kind, parts = next(iter(v.items()))
     _need(isinstance(parts, list) and len(parts) >= 1, f"{key}: malformed layout")
-    laid = tuple(_lay_from_json(p, leaves, key, depth + 1) for p in parts)
+    laid = tuple(_lay_from_json(p, leaves, key, count, depth + 1) for p in parts)
     return Prod(laid) if kind == "p" else Cat(laid)
+
+
+def _sizes(lay: Layout, leaves: dict, key: str) -> tuple[int, int]:
+    """Student and teacher size of a layout, refused past MAX_INT: a product of many huge spaces
+    would otherwise be big-integer arithmetic without end."""
+    if isinstance(lay, int):
+        size, src = leaves[lay]
+        return size, size if src is None else len(src)
+    prod = isinstance(lay, Prod)
+    s, t = (1, 1) if prod else (0, 0)
+    for p in lay.parts:
+        ps, pt = _sizes(p, leaves, key)
+        s, t = (s * ps, t * pt) if prod else (s + ps, t + pt)
+        _need(s <= MAX_INT and t <= MAX_INT, f"{key}: layout sizes beyond {MAX_INT}")
+    return s, t
 
 
 def check_tensors(plan: Plan, header: dict[str, tuple[tuple[int, ...], str]]) -> None:

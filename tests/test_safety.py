@@ -126,6 +126,12 @@ PLAN_EDITS = {
     "tensor dropped from plan": (_edit(lambda p: p["tensors"].pop()), "does not describe"),
     "deep layout": (_edit(lambda p: p["tensors"][0]["dims"][0].__setitem__(1, json.loads('{"p":[' * 80 + "0" + "]}" * 80))),
                     "nested too deeply"),
+    "layout past int64": (_edit(lambda p: (p["spaces"].update({"999": {"size": 2**62}}),
+                                           p["tensors"][0]["dims"][0].__setitem__(1, {"p": [999, 999]}))),
+                          "layout sizes beyond"),
+    "layout of many parts": (_edit(lambda p: (p["spaces"].update({"999": {"size": 2**62}}),
+                                              p["tensors"][0]["dims"][0].__setitem__(1, {"p": [999] * 200_000}))),
+                             "layout has more than 4096 parts"),
     "report of wrong type": (_edit(lambda p: p.update(report={"frozen": [1]})), "report.frozen"),
     "not an object": (lambda path: [1, 2], "not a JSON object"),
 }
