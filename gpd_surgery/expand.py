@@ -105,27 +105,25 @@ def expand_tensor(t: torch.Tensor, recipe: Recipe, maps: Maps, generator_seed: i
 def split_among_copies(t: torch.Tensor, d: int, src: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
     """Widen dim ``d`` so that the copies of each entry sum to it *exactly* in ``t``'s own dtype.
 
-    Copies are filled rank by rank: a copy takes a fraction f of what remains (f in [1/2, 1],
-    random unless equal shares are asked for) and the last copy takes the rest. Since the part taken
-    lies in [R/2, R], ``R - part`` is exact (Sterbenz), so the copies add up to the student's weight
-    with no rounding, and a float32 teacher verifies to float64 precision. Equal shares are exact
-    when every channel has a power-of-two number of copies.
+    Random shares (``g`` given): copies are filled rank by rank, each taking a fraction f in [1/2, 1]
+    of what remains and the last copy the rest. Since the part taken lies in [R/2, R], ``R - part`` is
+    exact (Sterbenz), so the copies add up to the student's weight with no rounding, and a float32
+    teacher verifies to float64 precision. Equal shares: every copy is ``w / copies``, exact when the
+    number of copies is a power of two (division by a power of two only shifts the exponent).
     """
-    size = t.shape[d]
-    count = torch.bincount(src, minlength=size)
+    count = torch.bincount(src, minlength=t.shape[d])
+    view = [1] * t.dim()
+    view[d] = -1
+    if g is None:
+        return t.index_select(d, src) / count[src].to(t.dtype).view(view)
     order = torch.argsort(src, stable=True)
     starts = torch.cumsum(count, 0) - count
     rank = torch.empty_like(src)
     rank[order] = torch.arange(len(src), device=src.device) - starts[src[order]]
     left = count[src] - rank  # copies still to fill, this one included
-    if g is None:
-        frac = 1.0 / left.double()
-    else:
-        frac = torch.where(left > 1, 0.5 + 0.5 * torch.rand(len(src), generator=g, dtype=torch.float64), 1.0)
+    frac = torch.where(left > 1, 0.5 + 0.5 * torch.rand(len(src), generator=g, dtype=torch.float64), 1.0)
     out = t.new_empty(t.shape[:d] + (len(src),) + t.shape[d + 1 :])
     rest = t.clone()
-    view = [1] * t.dim()
-    view[d] = -1
     for k in range(int(count.max())):
         cols = (rank == k).nonzero().squeeze(1)
         ch = src[cols]

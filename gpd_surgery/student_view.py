@@ -14,7 +14,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .collapse import collapse
-from .plan import Plan
+from .plan import STUDENT_PREFIX, Plan
 
 
 def strip_parameters(gm: fx.GraphModule) -> fx.GraphModule:
@@ -33,6 +33,14 @@ class StudentView(nn.Module):
         self.plan = plan
         self._param_keys = {k for k, _ in student.named_parameters()}
         self.student = strip_parameters(student)
+
+    def load_student_buffers(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Take the student's own buffers (``student/NAME`` in a teacher file)."""
+        with torch.no_grad():
+            for name, buf in self.student.named_buffers():
+                src = tensors.get(STUDENT_PREFIX + name)
+                if src is not None:
+                    buf.copy_(src)
 
     def student_parameters(self) -> dict[str, torch.Tensor]:
         """The student's parameters, collapsed from the teacher's (differentiable)."""

@@ -31,17 +31,27 @@ class Check:
 
 @dataclass
 class Report:
+    """``checks``: teacher vs student (IR); ``extraction``: extracted student vs the teacher's student view.
+    With ``trained`` the IR checks are for information: a trained teacher has left the student on purpose."""
+
     checks: list[Check]
+    extraction: list[Check] = field(default_factory=list)
+    trained: bool = False
     divergence: dict[str, Any] | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
-    def passed(self) -> bool:
+    def ir_passed(self) -> bool:
         return all(c.passed for c in self.checks)
 
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.extraction) and (self.trained or self.ir_passed)
+
     def to_dict(self) -> dict[str, Any]:
-        return {"passed": self.passed, "checks": [asdict(c) for c in self.checks], "divergence": self.divergence,
-                "timings": self.timings}
+        return {"passed": self.passed, "ir_passed": self.ir_passed, "trained": self.trained,
+                "checks": [asdict(c) for c in self.checks], "extraction": [asdict(c) for c in self.extraction],
+                "divergence": self.divergence, "timings": self.timings}
 
 
 def devices(choice: str | None) -> list[str]:
@@ -164,9 +174,25 @@ def localize(student: Student, maps: Maps, teacher: fx.GraphModule, x: torch.Ten
     return None
 
 
+def extraction_check(model: nn.Module, plan: Plan, tensors: dict[str, torch.Tensor], teacher: fx.GraphModule,
+                     student: Student, inputs: list[torch.Tensor], device: str, dtype: torch.dtype) -> Check:
+    """The student that `gpd extract` writes, loaded into ``model``, against the teacher's student view;
+    both collapsed in ``dtype`` so that the comparison measures the two paths, not a rounding."""
+    from .collapse import collapse
+    from .student_view import StudentView
+
+    cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    extracted = copy.deepcopy(model).to(dtype)
+    extracted.load_state_dict(collapse(plan, cast), strict=True)
+    view = StudentView(copy.deepcopy(teacher).to(dtype), plan, student.gm)
+    view.load_student_buffers(cast)
+    return compare(extracted, view, inputs, device, dtype)
+
+
 def verify(model: nn.Module, plan: Plan, tensors: dict[str, torch.Tensor], input_shape: tuple[int, ...] | None = None,
-           device: str | None = None, n_inputs: int = 3, seed: int = 0) -> Report:
-    """Compare the student ``model`` with the teacher rebuilt from ``plan`` and ``tensors``."""
+           device: str | None = None, n_inputs: int = 3, seed: int = 0, trained: bool = False) -> Report:
+    """Compare the student ``model`` with the teacher rebuilt from ``plan`` and ``tensors`` (IR), and the
+    extracted student with the teacher's student view (CBR)."""
     import time
 
     shape = tuple(input_shape or plan.source.get("input_shape") or ())
@@ -177,10 +203,11 @@ def verify(model: nn.Module, plan: Plan, tensors: dict[str, torch.Tensor], input
     t1 = time.perf_counter()
     g = torch.Generator().manual_seed(seed)
     inputs = [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(n_inputs)]
-    checks = [compare(model, teacher, inputs, dev, dt) for dev in devices(device)
-              for dt in (torch.float32, torch.float64)]
-    report = Report(checks)
-    if not report.passed:
+    runs = [(dev, dt) for dev in devices(device) for dt in (torch.float32, torch.float64)]
+    checks = [compare(model, teacher, inputs, dev, dt) for dev, dt in runs]
+    extraction = [extraction_check(model, plan, tensors, teacher, student, inputs, dev, dt) for dev, dt in runs]
+    report = Report(checks, extraction, trained)
+    if not report.ir_passed and not trained:
         failed = next(c for c in checks if not c.passed)
         tol = TOLERANCE[torch.float64] if failed.dtype == "float64" else 1e-6
         report.divergence = localize(student, maps, teacher, inputs[0], tol)
