@@ -40,11 +40,12 @@ def one_line_error(r, code=2):
     return lines[0]
 
 
-def make_teacher(path, width=4, seed=0):
+def make_teacher(path, width=4, seed=0, branches=()):
     """A small valid teacher file and the student it came from."""
     torch.manual_seed(seed)
     model = randomize(small_cnn(width=width), seed=seed)
-    api.expand(model, (1, 3, 8, 8), 2.0, source={"model": MODEL, "model_args": {"width": width}}).save(str(path))
+    source = {"model": MODEL, "model_args": {"width": width}}
+    api.expand(model, (1, 3, 8, 8), 2.0, source=source, branches=branches).save(str(path))
     return model
 
 
