@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import api
+from .branches import parse as parse_branches
 from .errors import GPDError
 from .io import atomic_save, check_output, load_teacher_file, load_weights
 from .memory import check_memory, fmt_bytes
@@ -90,6 +91,8 @@ def expand(
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Example input shape, e.g. 1,3,224,224."),
     seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED, help="Seed of the symmetry-breaking shares (and of fractional maps)."),
     equal_shares: bool = typer.Option(False, "--equal-shares", help="Split dense weights equally among copies."),
+    branches: str = typer.Option("none", "--branches", help="Linear branches on teacher convs and linears: none, default "
+                                 "(kxk,1x1-kxk,lowrank) or a list of 1x1, kxk, avg, 1x1-kxk, lowrank, full."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow loading a pickled module (runs code from the file)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output, and skip the memory check."),
     as_json: bool = JSON_OPT,
@@ -99,11 +102,13 @@ def expand(
 
     def go() -> int:
         r, args, shape = _options(model, ratio, model_arg, input_shape)
+        kinds = parse_branches(branches)
         check_output(output, force)
         student = _student(model, weights, args, trust_pickle)
         source = {"model": model, "model_args": args, "weights": os.path.basename(weights) if weights else None}
         with _status(as_json, f"expanding {model} x{r:g}"):
-            planned = api.plan_expansion(student, shape, r, seed=seed, equal_shares=equal_shares, source=source)
+            planned = api.plan_expansion(student, shape, r, seed=seed, equal_shares=equal_shares, source=source,
+                                         branches=kinds)
             check_memory(planned.build_bytes(), force)  # before any teacher tensor exists
             result = planned.build()
             result.save(output)
@@ -152,11 +157,14 @@ def verify(
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Input shape (default: the plan's)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: both when CUDA is present)."),
     inputs: int = typer.Option(3, "--inputs", min=1, max=1000, help="Number of random inputs."),
+    trained: bool = typer.Option(False, "--trained", help="The teacher was trained: report teacher vs student for "
+                                 "information only; the exit code follows the extraction check alone."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow loading a pickled module (runs code from the file)."),
     as_json: bool = JSON_OPT,
     debug: bool = DEBUG_OPT,
 ) -> None:
-    """Check that the teacher computes the student's function: exit 0 if it does, 1 if not, 2 on bad input."""
+    """Check that the teacher computes the student's function (IR) and that the extracted student equals the
+    teacher's student view (CBR): exit 0 if both hold, 1 if not, 2 on bad input."""
 
     def go() -> int:
         plan, tensors = load_teacher_file(teacher)
@@ -166,7 +174,7 @@ def verify(
         from .verify import verify as run_verify
 
         t0 = time.perf_counter()
-        report = run_verify(student, plan, tensors, shape, device, inputs)
+        report = run_verify(student, plan, tensors, shape, device, inputs, trained=trained)
         result = {"model": model, "teacher": teacher, **report.to_dict(), "seconds": round(time.perf_counter() - t0, 3)}
         if as_json:
             print(json.dumps(result))
@@ -179,11 +187,15 @@ def verify(
 
 def _print_verify(r: dict[str, Any]) -> None:
     t = Table(title=f"gpd verify {_safe(r['model'])}")
-    for col in ("device", "dtype", "max abs error", "max rel error", "tolerance", "result"):
+    for col in ("check", "device", "dtype", "max abs error", "max rel error", "tolerance", "result"):
         t.add_column(col)
-    for c in r["checks"]:
-        t.add_row(c["device"], c["dtype"], f"{c['max_abs']:.3e}", f"{c['max_rel']:.3e}", f"{c['tolerance']:.0e}",
-                  "[green]pass[/]" if c["passed"] else "[red]FAIL[/]")
+    ir = "teacher = student" + (" (info)" if r["trained"] else "")
+    for name, checks in ((ir, r["checks"]), ("extracted = student view", r["extraction"])):
+        for c in checks:
+            result = "[green]pass[/]" if c["passed"] else ("[yellow]differs[/]" if r["trained"] and name == ir
+                                                           else "[red]FAIL[/]")
+            t.add_row(name, c["device"], c["dtype"], f"{c['max_abs']:.3e}", f"{c['max_rel']:.3e}",
+                      f"{c['tolerance']:.0e}", result)
     out.print(t)
     d = r.get("divergence")
     if d:
@@ -191,7 +203,7 @@ def _print_verify(r: dict[str, Any]) -> None:
         out.print(f"[red]teacher and student part at node[/] [bold]{_safe(d['node'])}[/] ({_safe(d['op'])}): "
                   f"{_safe(detail)}",
                   highlight=False)
-    elif not r["passed"]:
+    elif not r["ir_passed"] and not r["trained"]:
         out.print("[red]the outputs differ, but every node agrees in float64 on the CPU[/]")
     out.print("[green]equivalent[/]" if r["passed"] else "[red]NOT equivalent[/]")
 
