@@ -126,3 +126,27 @@ def summarize(plan: Plan, tensors: dict[str, torch.Tensor], seconds: float | Non
 
 def _numel(shape: tuple[int, ...]) -> int:
     return math.prod(shape)
+
+
+def load_teacher(path: str, student: nn.Module, input_shape: tuple[int, ...] | None = None) -> fx.GraphModule:
+    """The teacher in ``path`` as a trainable module, rebuilt over ``student``'s architecture (checked)."""
+    from .verify import rebuild
+
+    plan, tensors = load_teacher_file(path)
+    shape = tuple(input_shape or plan.source.get("input_shape") or ())
+    _, _, teacher = rebuild(student.eval(), plan, tensors, shape)
+    return teacher
+
+
+def load_student_view(path: str, student: nn.Module, input_shape: tuple[int, ...] | None = None
+                      ) -> tuple[fx.GraphModule, "StudentView"]:
+    """The teacher in ``path`` and its student view (sharing the teacher's parameters, own buffers)."""
+    from .student_view import StudentView
+    from .verify import rebuild
+
+    plan, tensors = load_teacher_file(path)
+    shape = tuple(input_shape or plan.source.get("input_shape") or ())
+    traced, _, teacher = rebuild(student.eval(), plan, tensors, shape)
+    view = StudentView(teacher, plan, traced.gm)
+    view.load_student_buffers(tensors)
+    return teacher, view
