@@ -106,7 +106,7 @@ def summarize(plan: Plan, tensors: dict[str, torch.Tensor], seconds: float | Non
     params = [r for r in plan.recipes if r.kind == "param"]
     used = [r for r in params if r.dims]
     student = sum(_numel(r.shape) for r in params)
-    teacher = sum(tensors[r.key].numel() for r in params)
+    teacher = sum(_numel(shape) for shape, _ in plan.teacher_parameters().values())
     out = {
         "ratio": plan.ratio,
         "student_params": student,

@@ -74,9 +74,12 @@ def make_plan(
             for d, (lay, mode) in enumerate(zip(info.layouts, info.modes)):
                 lay = maps.resolve(lay)
                 if maps.src(lay) is not None:
-                    dims.append((d, lay, mode or "copy"))
+                    # Summing copies only inverts splitting for floats: integer tensors are copied.
+                    dims.append((d, lay, mode if mode and t.is_floating_point() else "copy"))
                     used.update(analysis.spaces.leaves(lay))
         kind = "param" if key in params else "buffer"
+        if t.dtype not in DTYPE_NAMES:
+            raise GPDError(f"{key} has dtype {t.dtype}, which teacher files do not support")
         recipes.append(Recipe(key, kind, tuple(t.shape), DTYPE_NAMES[t.dtype], key in in_graph or kind == "param", dims))
     frozen = frozen_report(analysis.spaces)
     report = {

@@ -122,6 +122,13 @@ class Plan:
                     out[full] = (shape, r.dtype)
         return out
 
+    def teacher_parameters(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Name -> (shape, dtype) of the teacher's parameters: the widened student parameters and the branches."""
+        files = self.file_tensors()
+        known = {r.key: r.kind for r in self.recipes}
+        return {k: v for k, v in files.items()
+                if known.get(k) == "param" or (k not in known and not k.startswith(STUDENT_PREFIX))}
+
     def file_bytes(self) -> int:
         """Bytes of tensor data in a teacher file with this plan: the teacher's memory footprint."""
         return sum(math.prod(shape) * DTYPES[dtype].itemsize for shape, dtype in self.file_tensors().values())

@@ -66,10 +66,9 @@ def plan_report(planned: Planned) -> dict[str, Any]:
 
 
 def _plan_numbers(plan: Plan) -> dict[str, Any]:
-    files = plan.file_tensors()
     params = [r for r in plan.recipes if r.kind == "param"]
     student = sum(math.prod(r.shape) for r in params)
-    teacher = sum(math.prod(files[r.key][0]) for r in params)
+    teacher = sum(math.prod(shape) for shape, _ in plan.teacher_parameters().values())
     return {
         "ratio": plan.ratio,
         "student_params": student,
