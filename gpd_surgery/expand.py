@@ -93,9 +93,13 @@ def make_plan(
 
 
 def expand_tensor(t: torch.Tensor, recipe: Recipe, maps: Maps, generator_seed: int | None) -> torch.Tensor:
-    """Index every widened dim by its source map; divide dense inputs among their copies."""
+    """Index every widened dim by its source map; divide dense inputs among their copies.
+
+    Dense inputs are split first, while the tensor is still small, then the copied dims are indexed:
+    every element's value depends only on its own indices, so the order gives the same tensor."""
     out = t
-    for d, lay, mode in recipe.dims:
+    dims = sorted(recipe.dims, key=lambda dim: dim[2] != "share" or not t.is_floating_point())
+    for d, lay, mode in dims:
         src = maps.src(lay).to(out.device)
         if mode == "share" and out.is_floating_point():
             g = None if generator_seed is None else torch.Generator().manual_seed(generator_seed + d)
@@ -113,12 +117,17 @@ def split_among_copies(t: torch.Tensor, d: int, src: torch.Tensor, g: torch.Gene
     exact (Sterbenz), so the copies add up to the student's weight with no rounding, and a float32
     teacher verifies to float64 precision. Equal shares: every copy is ``w / copies``, exact when the
     number of copies is a power of two (division by a power of two only shifts the exponent).
+
+    Where the copies of one rank are a block of consecutive teacher channels holding every student
+    channel in order (whole tiles, as at integer ratios), the parts are written straight into that
+    block of the output and the remainder updated with one subtraction, without index passes.
     """
     count = torch.bincount(src, minlength=t.shape[d])
     view = [1] * t.dim()
     view[d] = -1
     if g is None:
-        return t.index_select(d, src) / count[src].to(t.dtype).view(view)
+        out = t.index_select(d, src)
+        return out.div_(count[src].to(t.dtype).view(view))
     order = torch.argsort(src, stable=True)
     starts = torch.cumsum(count, 0) - count
     rank = torch.empty_like(src)
@@ -126,13 +135,31 @@ def split_among_copies(t: torch.Tensor, d: int, src: torch.Tensor, g: torch.Gene
     left = count[src] - rank  # copies still to fill, this one included
     frac = torch.where(left > 1, 0.5 + 0.5 * torch.rand(len(src), generator=g, dtype=torch.float64), 1.0)
     out = t.new_empty(t.shape[:d] + (len(src),) + t.shape[d + 1 :])
-    rest = t.clone()
-    for k in range(int(count.max())):
+    size = t.shape[d]
+    every = torch.arange(size, device=src.device)
+    rest, owned = t, False  # ``t`` is the caller's: copied before any update in place
+    ranks = int(count.max())
+    for k in range(ranks):
         cols = (rank == k).nonzero().squeeze(1)
         ch = src[cols]
-        part = rest.index_select(d, ch) * frac[cols].to(t.dtype).view(view)
-        out.index_copy_(d, cols, part)
-        rest.index_add_(d, ch, part, alpha=-1)
+        f = frac[cols].to(t.dtype).view(view)
+        block = len(cols) > 0 and int(cols[-1]) - int(cols[0]) + 1 == len(cols)  # consecutive teacher channels
+        whole = len(ch) == size and torch.equal(ch, every)  # every student channel, in order
+        taken = rest if whole else rest.index_select(d, ch)
+        if block:
+            part = torch.mul(taken, f, out=out.narrow(d, int(cols[0]), len(cols)))
+        else:
+            part = taken * f
+            out.index_copy_(d, cols, part)
+        if k == ranks - 1:
+            break  # the last copies took all that remained: nothing left to update
+        if whole:
+            rest = rest.sub_(part) if owned else rest - part
+            owned = True
+        else:
+            if not owned:
+                rest, owned = rest.clone(), True
+            rest.index_add_(d, ch, part, alpha=-1)
     return out
 
 
