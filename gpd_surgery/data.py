@@ -58,13 +58,13 @@ def _samples(protos: torch.Tensor, n: int, g: torch.Generator) -> TensorDataset:
     k, c, s, _ = protos.shape
     labels = torch.randint(0, k, (n,), generator=g)
     other = (labels + torch.randint(1, k, (n,), generator=g)) % k  # a different class, blended in
-    mix = 0.7 * torch.rand(n, generator=g, dtype=torch.float64)
+    mix = 0.9 * torch.rand(n, generator=g, dtype=torch.float64)
     shift = torch.randint(-(s // 4), s // 4 + 1, (n, 2), generator=g)
     x = torch.empty(n, c, s, s, dtype=torch.float64)
     for i in range(n):
         p = protos[labels[i]] + mix[i] * protos[other[i]]
         x[i] = torch.roll(p, (int(shift[i, 0]), int(shift[i, 1])), dims=(1, 2))
-    x += 1.2 * torch.randn(x.shape, generator=g, dtype=torch.float64)
+    x += 2.5 * torch.randn(x.shape, generator=g, dtype=torch.float64)  # small_cnn: ~90% after 15 epochs of 4000
     return TensorDataset(x.float(), labels)
 
 

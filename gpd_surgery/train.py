@@ -388,11 +388,20 @@ def load_state(path: str) -> dict[str, Any]:
 class Reporter:
     """Receives progress on the main process. Subclass it for a display; the default says nothing."""
 
-    def start(self, info: dict[str, Any]) -> None: ...
-    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None: ...
-    def step(self, step: int, metrics: dict[str, float]) -> None: ...
-    def epoch_end(self, record: dict[str, Any]) -> None: ...
-    def finish(self, result: dict[str, Any]) -> None: ...
+    def start(self, info: dict[str, Any]) -> None:
+        """Before the first epoch: mode, device, world size, sample and step counts, parameters."""
+
+    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
+        """Epoch ``epoch`` (0-based) of ``epochs`` begins; it has ``steps`` steps."""
+
+    def step(self, step: int, metrics: dict[str, float], done: int) -> None:
+        """``done`` steps of this epoch are done; ``metrics`` are running means over them (this process)."""
+
+    def epoch_end(self, record: dict[str, Any]) -> None:
+        """The epoch's record: train metrics (all processes), validation metrics, learning rate, time."""
+
+    def finish(self, result: dict[str, Any]) -> None:
+        """The run's result, as ``Trainer.run`` returns it."""
 
 
 class _Meter:
@@ -477,6 +486,11 @@ class Trainer:
             raise GPDError(f"--batch-size {c.batch_size} must be divisible by the number of processes ({env.world})")
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        if env.main:
+            try:
+                os.makedirs(self.output_dir, exist_ok=True)
+            except OSError as e:
+                raise GPDError(f"cannot create {self.output_dir}: {e.strerror or e}") from None
         model = self.model.to(device)
         dtype = next(model.parameters()).dtype
         static = None
@@ -529,8 +543,8 @@ class Trainer:
             meter = _Meter(device)
             if env.main:
                 self.reporter.epoch_start(epoch, c.epochs, steps_per_epoch)
-            t0 = time.perf_counter()
-            for x, y in loader:
+            t0 = last_report = time.perf_counter()
+            for i, (x, y) in enumerate(loader):
                 lr = lr_at(step, total_steps, warmup_steps, c.base_lr)
                 for g in opt.param_groups:
                     g["lr"] = lr
@@ -550,9 +564,11 @@ class Trainer:
                     raise GPDError(f"the loss became {loss.item()} at epoch {epoch + 1}, step {step}: "
                                    "lower --lr or add --warmup-epochs")
                 meter.add(y, s_logits.detach(), None if t_logits is None else t_logits.detach(), loss)
-                if env.main:
-                    self.reporter.step(step, {"lr": lr, **meter.summary(self.gpd, objective=True)})
+                if env.main and (time.perf_counter() - last_report > 0.2 or i == steps_per_epoch - 1):
+                    last_report = time.perf_counter()  # reading the meter waits for the device: not every step
+                    self.reporter.step(step, {"lr": lr, **meter.summary(self.gpd, objective=True)}, i + 1)
             meter.reduce(env)
+            sync_buffers(model, env)  # rank 0's running statistics everywhere: what DDP's next forward would use
             record: dict[str, Any] = {"epoch": epoch + 1, "lr": lr_at(step - 1, total_steps, warmup_steps, c.base_lr),
                                       "train": meter.summary(self.gpd, objective=True), "train_seconds": time.perf_counter() - t0}
             if self.val_set is not None and len(self.val_set):
@@ -602,6 +618,13 @@ class Trainer:
         if tensors_digest(self.model.file_tensors()) != state.get("checkpoint_sha256"):
             raise GPDError(f"cannot resume: {self.checkpoint_file} is not the checkpoint {STATE_FILE} was written "
                            "with (a run stopped while it wrote them?); start over with --force")
+
+
+def sync_buffers(model: nn.Module, env: DistEnv) -> None:
+    """Give every process rank 0's buffers (BatchNorm statistics), as DDP does before each forward."""
+    if env.active:
+        for b in model.buffers():
+            dist.broadcast(b, 0)
 
 
 def make_optimizer(model: nn.Module, c: TrainConfig) -> torch.optim.Optimizer:
@@ -773,9 +796,9 @@ class ConsoleReporter(Reporter):
         self.progress.start()
         self.task = self.progress.add_task("train", total=steps, metrics="")
 
-    def step(self, step: int, metrics: dict[str, float]) -> None:
+    def step(self, step: int, metrics: dict[str, float], done: int) -> None:
         if self.progress is not None:
-            self.progress.update(self.task, advance=1, metrics=f"lr {metrics['lr']:.3g}  {format_metrics(metrics)}")
+            self.progress.update(self.task, completed=done, metrics=f"lr {metrics['lr']:.3g}  {format_metrics(metrics)}")
 
     def epoch_end(self, record: dict[str, Any]) -> None:
         self.close()
