@@ -76,10 +76,7 @@ def _torchvision(name: str, kwargs: dict[str, Any]) -> nn.Module:
         raise GPDError(f"torchvision has no model {name!r} (see torchvision.models.list_models())")
     if name in ("googlenet", "inception_v3"):
         kwargs.setdefault("init_weights", True)  # silences the init warning; random weights either way
-    try:
-        return torchvision.models.get_model(name, weights=None, **kwargs)
-    except TypeError as e:
-        raise GPDError(f"torchvision:{name} rejected the model arguments: {e}") from None
+    return _build(f"torchvision:{name}", lambda: torchvision.models.get_model(name, weights=None, **kwargs), kwargs)
 
 
 def _timm(name: str, kwargs: dict[str, Any]) -> nn.Module:
@@ -87,10 +84,7 @@ def _timm(name: str, kwargs: dict[str, Any]) -> nn.Module:
         import timm
     except ImportError:
         raise GPDError("timm is not installed: pip install timm") from None
-    try:
-        return timm.create_model(name, pretrained=False, **kwargs)
-    except RuntimeError as e:
-        raise GPDError(f"timm could not create {name!r}: {e}") from None
+    return _build(f"timm:{name}", lambda: timm.create_model(name, pretrained=False, **kwargs), kwargs)
 
 
 def _factory(spec: str, kwargs: dict[str, Any]) -> nn.Module:
@@ -106,10 +100,17 @@ def _factory(spec: str, kwargs: dict[str, Any]) -> nn.Module:
             raise GPDError(f"module {module_name!r} has no attribute {attr!r}")
     if not callable(factory):
         raise GPDError(f"{spec} is not callable")
+    return _build(spec, lambda: factory(**kwargs), kwargs)
+
+
+def _build(spec: str, make: Any, kwargs: dict[str, Any]) -> nn.Module:
+    """Building runs the user's (or a library's) code on the user's arguments: its failures are user errors."""
     try:
-        return factory(**kwargs)
+        return make()
     except TypeError as e:
         raise GPDError(f"{spec} rejected the model arguments {kwargs}: {e}") from None
+    except Exception as e:
+        raise GPDError(f"{spec} could not be built with {kwargs}: {type(e).__name__}: {e}") from None
 
 
 def _load_pickled(path: str, trust_pickle: bool) -> nn.Module:
@@ -143,6 +144,13 @@ class _Tracer(fx.Tracer):
     def __init__(self, leaves: set[type], wrapped: set) -> None:
         super().__init__(autowrap_functions=tuple(wrapped))
         self._leaves = tuple(leaves)
+        self.path: list[str] = []  # the submodules being traced, to say where tracing failed
+
+    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        self.path.append(self.path_of_module(m) or type(m).__name__)
+        out = super().call_module(m, forward, args, kwargs)
+        self.path.pop()  # skipped by an exception, so the path names the innermost module that failed
+        return out
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if isinstance(m, nn.MultiheadAttention) or (self._leaves and isinstance(m, self._leaves)):
@@ -157,11 +165,24 @@ def trace(model: nn.Module) -> fx.GraphModule:
         graph = tracer.trace(model)
     except Exception as e:
         where = _user_frame(e)
+        inner = ""
+        if tracer.path:
+            name = tracer.path[-1]
+            inner = f" in {name} ({type(model.get_submodule(name)).__name__})" if _has_module(model, name) else f" in {name}"
         raise GPDError(
-            f"torch.fx cannot trace {type(model).__name__}{where}: {type(e).__name__}: {str(e).splitlines()[0]} "
-            "(make the control flow static, or register the module as a leaf)"
+            f"torch.fx cannot trace {type(model).__name__}{inner}{where}: {type(e).__name__}: "
+            f"{(str(e).splitlines() or [''])[0]} (make the control flow static, e.g. with torch.where, or wrap the "
+            "function with torch.fx.wrap)"
         ) from None
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _has_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
 
 
 def _user_frame(e: BaseException) -> str:
