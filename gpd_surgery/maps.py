@@ -47,6 +47,7 @@ class Maps:
         self._resolve = resolve
         self._make_leaf = make_leaf
         self._cache: dict[Layout, torch.Tensor | None] = {}
+        self._derived: dict[tuple, object] = {}  # canonical maps, tile counts, maps moved to a device
 
     def leaf(self, i: int) -> tuple[int, torch.Tensor | None]:
         if i not in self.leaves:
@@ -73,15 +74,23 @@ class Maps:
         sizes = [self.tsize(p) for p in lay.parts]
         return sum(sizes) if isinstance(lay, Cat) else math.prod(sizes)
 
-    def src(self, lay: Layout) -> torch.Tensor | None:
-        """Source map of a layout, or None where it is the identity."""
+    def src(self, lay: Layout, device: torch.device | str | None = None) -> torch.Tensor | None:
+        """Source map of a layout, or None where it is the identity (on ``device`` when given, cached)."""
+        out = self._src(lay)
+        if device is None or out is None or torch.device(device) == out.device:
+            return out
+        key = ("src", self._resolve(lay), None)
+        self._derived.setdefault(key, out)
+        return self._on(key, device)
+
+    def _src(self, lay: Layout) -> torch.Tensor | None:
         lay = self._resolve(lay)
         if lay in self._cache:
             return self._cache[lay]
         if isinstance(lay, int):
             out = self.leaf(lay)[1]
         else:
-            maps = [self.src(p) for p in lay.parts]
+            maps = [self._src(p) for p in lay.parts]
             if all(m is None for m in maps):
                 out = None
             else:
@@ -98,12 +107,40 @@ class Maps:
         self._cache[lay] = out
         return out
 
-    def canon(self, lay: Layout) -> torch.Tensor | None:
+    def canon(self, lay: Layout, device: torch.device | str | None = None) -> torch.Tensor | None:
         """Index of the canonical (first) copy of every student channel, or None for the identity."""
-        src = self.src(lay)
-        if src is None:
-            return None
-        return canonical(src, self.size(lay))
+        key = ("canon", self._resolve(lay), None)
+        if key not in self._derived:
+            src = self.src(lay)
+            self._derived[key] = None if src is None else canonical(src, self.size(lay))
+        return self._on(key, device)
+
+    def tiles(self, lay: Layout) -> int:
+        """``n`` when the map is ``n >= 2`` whole tiles of the student's channels in order, else 0."""
+        key = ("tiles", self._resolve(lay))
+        if key not in self._derived:
+            src, size = self.src(lay), self.size(lay)
+            n = 0 if src is None or size == 0 else len(src) // size
+            tiled = n >= 2 and len(src) == n * size and torch.equal(src.view(n, size), torch.arange(size).expand(n, size))
+            self._derived[key] = n if tiled else 0
+        return self._derived[key]  # type: ignore[return-value]
+
+    def canon_is_prefix(self, lay: Layout) -> bool:
+        """Whether the canonical copies are the first teacher channels, in order (then collapse takes a slice)."""
+        key = ("prefix", self._resolve(lay))
+        if key not in self._derived:
+            canon = self.canon(lay)
+            self._derived[key] = canon is not None and torch.equal(canon, torch.arange(len(canon)))
+        return self._derived[key]  # type: ignore[return-value]
+
+    def _on(self, key: tuple, device: torch.device | str | None) -> torch.Tensor | None:
+        t = self._derived[key]
+        if device is None or t is None or torch.device(device) == t.device:  # type: ignore[union-attr]
+            return t  # type: ignore[return-value]
+        moved = key[:2] + (torch.device(device),)
+        if moved not in self._derived:
+            self._derived[moved] = t.to(device)  # type: ignore[union-attr]
+        return self._derived[moved]  # type: ignore[return-value]
 
 
 def canonical(src: torch.Tensor, size: int) -> torch.Tensor:
