@@ -62,13 +62,13 @@ def write_digits(root: str, train_per_class: int) -> None:
 
 def command(task: str, mode: str, seed: int, args: argparse.Namespace) -> list[str]:
     gpd = os.path.join(os.path.dirname(sys.executable), "gpd")
-    cmd = [gpd, "train", MODEL, "--model-arg", "num_classes=10", "--model-arg", f"width={args.width}",
+    if task == "digits":
+        data = ["--data", os.path.join(args.output, "digits"), "--augment", "crop"]
+    else:
+        data = ["--data", "synthetic", "--synthetic-size", "4000"]
+    cmd = [gpd, "train", MODEL, *data, "--model-arg", "num_classes=10", "--model-arg", f"width={args.width}",
            "--image-size", "16", "--epochs", str(args.epochs), "--batch-size", "64", "--seed", str(seed),
            "--device", "cpu", "--json", "--force", "--output-dir", os.path.join(args.output, f"{task}-{mode}-{seed}")]
-    if task == "digits":
-        cmd[4:4] = ["--data", os.path.join(args.output, "digits"), "--augment", "crop"]
-    else:
-        cmd[4:4] = ["--data", "synthetic", "--synthetic-size", "4000"]
     return cmd + (["--plain"] if mode == "plain" else [])
 
 
