@@ -314,12 +314,17 @@ def pick_device(requested: str | None, env_local_rank: int) -> torch.device:
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise GPDError("--device cuda was asked for, but no CUDA device is available")
-        if name == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            name = f"cuda:{env_local_rank}"
+        if name == "cuda":  # an explicit index: torch.cuda.set_device and DDP's device_ids need one
+            name = f"cuda:{env_local_rank if int(os.environ.get('WORLD_SIZE', '1')) > 1 else torch.cuda.current_device()}"
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise GPDError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise GPDError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise GPDError(f"unsupported device {name!r}: use cpu, cuda or cuda:N")
+    return device
 
 
 # -- reproducibility ---------------------------------------------------------------------------------
@@ -472,6 +477,8 @@ class Trainer:
     def run(self, resume: bool = False) -> dict[str, Any]:
         c = self.config
         device = pick_device(c.device, int(os.environ.get("LOCAL_RANK", "0")))
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # before nccl starts, so that each process talks from its own GPU
         env = dist_env(device.type)
         try:
             return self._run(resume, device, env)
@@ -484,8 +491,6 @@ class Trainer:
         t_start = time.perf_counter()
         if c.batch_size % env.world:
             raise GPDError(f"--batch-size {c.batch_size} must be divisible by the number of processes ({env.world})")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
         if env.main:
             try:
                 os.makedirs(self.output_dir, exist_ok=True)
