@@ -20,7 +20,7 @@ PY=${PY:-python}
   echo "## CUDA tests"
   echo
   echo '```'
-  timeout 300 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -5
+  timeout 300 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_train.py -m cuda 2>&1 | tail -5
   echo '```'
   echo
   echo "## gpd verify --device cuda"
