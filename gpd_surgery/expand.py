@@ -96,20 +96,49 @@ def expand_tensor(t: torch.Tensor, recipe: Recipe, maps: Maps, generator_seed: i
     """Index every widened dim by its source map; divide dense inputs among their copies.
 
     Dense inputs are split first, while the tensor is still small, then the copied dims are indexed:
-    every element's value depends only on its own indices, so the order gives the same tensor."""
+    every element's value depends only on its own indices, so the order gives the same tensor. Where
+    every copied dim is whole tiles (integer ratios), the split is written straight into the first
+    tile of the teacher tensor and copied into the others: one teacher-sized tensor, no intermediate."""
+    floating = t.is_floating_point()
+    shares = [(d, lay) for d, lay, mode in recipe.dims if mode == "share" and floating]
+    copies = [(d, lay) for d, lay, mode in recipe.dims if not (mode == "share" and floating)]
+
+    def split(x: torch.Tensor, d: int, lay: Any, out: torch.Tensor | None = None) -> torch.Tensor:
+        g = None if generator_seed is None else torch.Generator().manual_seed(generator_seed + d)
+        return split_among_copies(x, d, maps.src(lay, x.device), g, out)
+
+    tiles = [maps.tiles(lay) for _, lay in copies]
+    if copies and all(tiles):
+        shape = list(t.shape)
+        for d, lay, _ in recipe.dims:
+            shape[d] = maps.tsize(lay)
+        out = t.new_empty(shape)
+        first = out
+        for d, _ in copies:
+            first = first.narrow(d, 0, t.shape[d])
+        core = t
+        for i, (d, lay) in enumerate(shares):
+            core = split(core, d, lay, first if i == len(shares) - 1 else None)
+        if core is not first:
+            first.copy_(core)
+        for i, ((d, _), n) in enumerate(zip(copies, tiles)):
+            filled = out  # the first tile along the copied dims not yet tiled, whole along the others
+            for d2, _ in copies[i + 1:]:
+                filled = filled.narrow(d2, 0, t.shape[d2])
+            size = t.shape[d]
+            for k in range(1, n):
+                filled.narrow(d, k * size, size).copy_(filled.narrow(d, 0, size))
+        return out
     out = t
-    dims = sorted(recipe.dims, key=lambda dim: dim[2] != "share" or not t.is_floating_point())
-    for d, lay, mode in dims:
-        src = maps.src(lay).to(out.device)
-        if mode == "share" and out.is_floating_point():
-            g = None if generator_seed is None else torch.Generator().manual_seed(generator_seed + d)
-            out = split_among_copies(out, d, src, g)
-        else:
-            out = out.index_select(d, src)
+    for d, lay in shares:
+        out = split(out, d, lay)
+    for d, lay in copies:
+        out = out.index_select(d, maps.src(lay, out.device))
     return out if out is not t else t.clone()
 
 
-def split_among_copies(t: torch.Tensor, d: int, src: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
+def split_among_copies(t: torch.Tensor, d: int, src: torch.Tensor, g: torch.Generator | None,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
     """Widen dim ``d`` so that the copies of each entry sum to it *exactly* in ``t``'s own dtype.
 
     Random shares (``g`` given): copies are filled rank by rank, each taking a fraction f in [1/2, 1]
@@ -120,39 +149,65 @@ def split_among_copies(t: torch.Tensor, d: int, src: torch.Tensor, g: torch.Gene
 
     Where the copies of one rank are a block of consecutive teacher channels holding every student
     channel in order (whole tiles, as at integer ratios), the parts are written straight into that
-    block of the output and the remainder updated with one subtraction, without index passes.
+    block of the output and the remainder with one subtraction (into the last block when the next
+    rank is the last), without index passes. ``out``: where to write the result (a view is fine).
     """
-    count = torch.bincount(src, minlength=t.shape[d])
+    size = t.shape[d]
+    count = torch.bincount(src, minlength=size)
     view = [1] * t.dim()
     view[d] = -1
+    if out is None:
+        out = t.new_empty(t.shape[:d] + (len(src),) + t.shape[d + 1 :])
+    every = torch.arange(size, device=src.device)
+    tiles = len(src) // size if size else 0  # whole tiles of the student's channels in order, or 0
+    if tiles < 2 or len(src) != tiles * size or not torch.equal(src.view(tiles, size), every.expand(tiles, size)):
+        tiles = 0
     if g is None:
-        out = t.index_select(d, src)
-        return out.div_(count[src].to(t.dtype).view(view))
+        if tiles:
+            first = torch.div(t, count.to(t.dtype).view(view), out=out.narrow(d, 0, size))
+            for k in range(1, tiles):
+                out.narrow(d, k * size, size).copy_(first)
+        else:
+            out.copy_(t.index_select(d, src).div_(count[src].to(t.dtype).view(view)))
+        return out
+    r = torch.rand(len(src), generator=g, dtype=torch.float64)
+    if tiles:  # rank k is tile k: the same draws as below, without computing ranks
+        frac = (0.5 + 0.5 * r).to(t.dtype)
+        rest = t
+        for k in range(tiles - 1):
+            part = torch.mul(rest, frac[k * size:(k + 1) * size].view(view), out=out.narrow(d, k * size, size))
+            if k == tiles - 2:  # the remainder is the last copy: written in place, multiplied by nothing
+                torch.sub(rest, part, out=out.narrow(d, (k + 1) * size, size))
+            else:
+                rest = rest.sub_(part) if rest is not t else rest - part
+        return out
     order = torch.argsort(src, stable=True)
     starts = torch.cumsum(count, 0) - count
     rank = torch.empty_like(src)
     rank[order] = torch.arange(len(src), device=src.device) - starts[src[order]]
     left = count[src] - rank  # copies still to fill, this one included
-    frac = torch.where(left > 1, 0.5 + 0.5 * torch.rand(len(src), generator=g, dtype=torch.float64), 1.0)
-    out = t.new_empty(t.shape[:d] + (len(src),) + t.shape[d + 1 :])
-    size = t.shape[d]
-    every = torch.arange(size, device=src.device)
-    rest, owned = t, False  # ``t`` is the caller's: copied before any update in place
-    ranks = int(count.max())
-    for k in range(ranks):
+    frac = torch.where(left > 1, 0.5 + 0.5 * r, 1.0)
+    steps = []  # per rank: teacher channels, their student channels, fractions, first channel of a block, whole
+    for k in range(int(count.max())):
         cols = (rank == k).nonzero().squeeze(1)
         ch = src[cols]
-        f = frac[cols].to(t.dtype).view(view)
         block = len(cols) > 0 and int(cols[-1]) - int(cols[0]) + 1 == len(cols)  # consecutive teacher channels
         whole = len(ch) == size and torch.equal(ch, every)  # every student channel, in order
+        steps.append((cols, ch, frac[cols].to(t.dtype).view(view), int(cols[0]) if block else None, whole))
+    rest, owned = t, False  # ``t`` is the caller's: copied before any update in place
+    for k, (cols, ch, f, at, whole) in enumerate(steps):
         taken = rest if whole else rest.index_select(d, ch)
-        if block:
-            part = torch.mul(taken, f, out=out.narrow(d, int(cols[0]), len(cols)))
+        if k == len(steps) - 1:  # the last copies take all that remains (their fraction is 1)
+            if at is not None:
+                out.narrow(d, at, len(cols)).copy_(taken)
+            else:
+                out.index_copy_(d, cols, taken)
+            break
+        if at is not None:
+            part = torch.mul(taken, f, out=out.narrow(d, at, len(cols)))
         else:
             part = taken * f
             out.index_copy_(d, cols, part)
-        if k == ranks - 1:
-            break  # the last copies took all that remained: nothing left to update
         if whole:
             rest = rest.sub_(part) if owned else rest - part
             owned = True
