@@ -18,11 +18,14 @@ from .plan import STUDENT_PREFIX, Plan
 
 
 def strip_parameters(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of ``gm`` that keeps its buffers and has no parameters (they come from the teacher)."""
+    """A copy of ``gm`` that keeps its buffers and has no parameters (they come from the teacher).
+
+    Each parameter stays registered as ``None`` rather than being deleted: the graph's ``get_attr``
+    nodes (a ViT's class token) still name an attribute, so the copy can itself be deep-copied."""
     out = copy.deepcopy(gm)
     for name, _ in list(out.named_parameters()):
         owner, _, attr = name.rpartition(".")
-        delattr(out.get_submodule(owner) if owner else out, attr)
+        (out.get_submodule(owner) if owner else out)._parameters[attr] = None
     return out
 
 
