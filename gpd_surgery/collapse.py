@@ -24,41 +24,77 @@ from .maps import Maps
 from .plan import STUDENT_PREFIX, Plan, Recipe
 
 
-class _SumTiles(torch.autograd.Function):
-    """Sum the ``n`` whole tiles of dim ``d``, the last tile first; the gradient repeats along ``d``."""
+def _sum_tiles(t: torch.Tensor, d: int, n: int) -> torch.Tensor:
+    """Sum the ``n`` whole tiles of dim ``d``, the last tile first."""
+    tiles = t.unflatten(d, (n, t.shape[d] // n))
+    out = tiles.select(d, n - 1) + tiles.select(d, n - 2)
+    for k in range(n - 3, -1, -1):
+        out.add_(tiles.select(d, k))
+    return out
+
+
+class _Fold(torch.autograd.Function):
+    """Collapse one tensor whose maps are all whole tiles: ``("first", d, size)`` keeps the first ``size``
+    channels of dim ``d`` (the canonical copies), ``("tiles", d, n)`` sums the ``n`` tiles of dim ``d``.
+    The backward writes the teacher-sized gradient once: the incoming gradient broadcast over the tiles
+    into the canonical block, zeros elsewhere (autograd's slice and repeat would write it twice)."""
 
     @staticmethod
-    def forward(t: torch.Tensor, d: int, n: int) -> torch.Tensor:  # type: ignore[override]
-        tiles = t.unflatten(d, (n, t.shape[d] // n))
-        out = tiles.select(d, n - 1) + tiles.select(d, n - 2)
-        for k in range(n - 3, -1, -1):
-            out.add_(tiles.select(d, k))
+    def forward(t: torch.Tensor, steps: tuple[tuple[str, int, int], ...]) -> torch.Tensor:  # type: ignore[override]
+        out = t
+        for kind, d, k in steps:
+            out = out.narrow(d, 0, k) if kind == "first" else _sum_tiles(out, d, k)
         return out
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
-        _, ctx.d, ctx.n = inputs
+        t, ctx.steps = inputs
+        ctx.shape = t.shape
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[no-untyped-def]
-        reps = [1] * grad.dim()
-        reps[ctx.d] = ctx.n
-        return grad.repeat(reps), None, None
+        out = grad.new_empty(ctx.shape)
+        block = out
+        for kind, d, k in ctx.steps:
+            if kind == "first":
+                out.narrow(d, k, ctx.shape[d] - k).zero_()
+                block = block.narrow(d, 0, k)
+        for kind, d, n in sorted(ctx.steps, key=lambda s: -s[1]):  # from the last dim: indices stay valid
+            if kind == "tiles":
+                block = block.unflatten(d, (n, ctx.shape[d] // n))
+                grad = grad.unsqueeze(d)
+        block.copy_(grad)
+        return out, None
+
+
+def _fold_steps(recipe: Recipe, maps: Maps) -> tuple[tuple[str, int, int], ...] | None:
+    """The recipe as ``_Fold`` steps, or None where some map is not whole tiles (or nothing is summed)."""
+    steps = []
+    for d, lay, mode in recipe.dims:
+        if mode == "share":
+            n = maps.tiles(lay)
+            if not n:
+                return None
+            steps.append(("tiles", d, n))
+        elif maps.canon_is_prefix(lay):
+            steps.append(("first", d, maps.size(lay)))
+        else:
+            return None
+    return tuple(steps) if any(kind == "tiles" for kind, _, _ in steps) else None
 
 
 def collapse_tensor(t: torch.Tensor, recipe: Recipe, maps: Maps) -> torch.Tensor:
+    steps = _fold_steps(recipe, maps)
+    if steps is not None:
+        return _Fold.apply(t, steps)
     out = t
     for d, lay, mode in recipe.dims:
         if mode == "share":
-            tiles = maps.tiles(lay)
-            if tiles:
-                out = _SumTiles.apply(out, d, tiles)
-            else:  # copies summed in reverse teacher order, i.e. last copy first
-                src = maps.src(lay, out.device)
-                back = torch.arange(len(src) - 1, -1, -1, device=out.device)
-                shape = list(out.shape)
-                shape[d] = maps.size(lay)
-                out = out.new_zeros(shape).index_add(d, src[back], out.index_select(d, back))
+            src = maps.src(lay, out.device)  # copies summed in reverse teacher order, i.e. last copy first
+            back = torch.arange(len(src) - 1, -1, -1, device=out.device)
+            shape = list(out.shape)
+            shape[d] = maps.size(lay)
+            out = out.new_zeros(shape).index_add(d, src[back], out.index_select(d, back))
         elif maps.canon_is_prefix(lay):
             out = out.narrow(d, 0, maps.size(lay))
         else:
