@@ -67,6 +67,24 @@ class _Fold(torch.autograd.Function):
         return out, None
 
 
+class _SumTiles(torch.autograd.Function):
+    """``_sum_tiles`` as a differentiable function: the gradient repeats along ``d``."""
+
+    @staticmethod
+    def forward(t: torch.Tensor, d: int, n: int) -> torch.Tensor:  # type: ignore[override]
+        return _sum_tiles(t, d, n)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+        _, ctx.d, ctx.n = inputs
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[no-untyped-def]
+        reps = [1] * grad.dim()
+        reps[ctx.d] = ctx.n
+        return grad.repeat(reps), None, None
+
+
 def _fold_steps(recipe: Recipe, maps: Maps) -> tuple[tuple[str, int, int], ...] | None:
     """The recipe as ``_Fold`` steps, or None where some map is not whole tiles (or nothing is summed)."""
     steps = []
@@ -89,7 +107,9 @@ def collapse_tensor(t: torch.Tensor, recipe: Recipe, maps: Maps) -> torch.Tensor
         return _Fold.apply(t, steps)
     out = t
     for d, lay, mode in recipe.dims:
-        if mode == "share":
+        if mode == "share" and maps.tiles(lay):
+            out = _SumTiles.apply(out, d, maps.tiles(lay))
+        elif mode == "share":
             src = maps.src(lay, out.device)  # copies summed in reverse teacher order, i.e. last copy first
             back = torch.arange(len(src) - 1, -1, -1, device=out.device)
             shape = list(out.shape)

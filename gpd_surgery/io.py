@@ -82,7 +82,7 @@ class _Writeback:
     asynchronous): the data goes to disk while the rest is written, so the final ``fsync`` waits less and
     the writer is not throttled for a pile of dirty pages. Does nothing where the call is unavailable."""
 
-    step = 64 << 20
+    step = 16 << 20
     _call: Any = None
 
     def __init__(self, f: IO[bytes]) -> None:
