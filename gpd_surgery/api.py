@@ -33,8 +33,9 @@ class Expanded:
     def teacher(self) -> fx.GraphModule:
         return build_teacher(self.student, self.maps, self.tensors, self.plan.branches)
 
-    def save(self, path: str) -> None:
-        save_teacher(path, self.plan, self.tensors)
+    def save(self, path: str, *, durable: bool = False) -> None:
+        """Write the teacher file atomically; ``durable`` also fsyncs it (see ``io.atomic_save``)."""
+        save_teacher(path, self.plan, self.tensors, durable=durable)
 
     def summary(self) -> dict[str, Any]:
         return summarize(self.plan, self.tensors, self.seconds)

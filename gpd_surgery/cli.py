@@ -31,6 +31,7 @@ out = Console()
 err = Console(stderr=True)
 
 MODEL_HELP = "torchvision:NAME, timm:NAME, module.path:callable, or a .pt/.pth file holding a pickled nn.Module."
+DURABLE_HELP = "Also fsync the output before naming it, so that it survives a power cut (slower: waits for the disk)."
 JSON_OPT = typer.Option(False, "--json", help="Print one JSON object instead of tables.")
 DEBUG_OPT = typer.Option(False, "--debug", help="Show the full traceback of an error.")
 
@@ -95,6 +96,7 @@ def expand(
                                  "(kxk,1x1-kxk,lowrank) or a list of 1x1, kxk, avg, 1x1-kxk, lowrank, full."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow loading a pickled module (runs code from the file)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output, and skip the memory check."),
+    durable: bool = typer.Option(False, "--durable", help=DURABLE_HELP),
     as_json: bool = JSON_OPT,
     debug: bool = DEBUG_OPT,
 ) -> None:
@@ -111,7 +113,7 @@ def expand(
                                          branches=kinds)
             check_memory(planned.build_bytes(), force)  # before any teacher tensor exists
             result = planned.build()
-            result.save(output)
+            result.save(output, durable=durable)
         summary = {"output": output, "model": model, **result.summary()}
         if as_json:
             print(json.dumps(summary))
@@ -213,6 +215,7 @@ def extract(
     teacher: str = typer.Argument(..., help="Teacher file written by `gpd expand` (trained or not)."),
     output: str = typer.Option(..., "-o", "--output", help="Student file to write (.safetensors)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
+    durable: bool = typer.Option(False, "--durable", help=DURABLE_HELP),
     as_json: bool = JSON_OPT,
     debug: bool = DEBUG_OPT,
 ) -> None:
@@ -222,7 +225,7 @@ def extract(
         check_output(output, force)
         t0 = time.perf_counter()
         state = api.extract(teacher)
-        atomic_save(state, output)
+        atomic_save(state, output, durable=durable)
         result = {
             "teacher": teacher, "output": output, "tensors": len(state),
             "student_params": sum(v.numel() for v in state.values()), "seconds": round(time.perf_counter() - t0, 3),

@@ -54,7 +54,8 @@ def check_output(path: str, force: bool) -> None:
 
 
 # -- writing ------------------------------------------------------------------------------
-def write_safetensors(f: IO[bytes], tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> None:
+def write_safetensors(f: IO[bytes], tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None,
+                      durable: bool = False) -> None:
     """The safetensors format, streamed tensor by tensor: no second copy of the data in memory."""
     if sys.byteorder != "little":
         raise GPDError("safetensors files are little-endian: gpd cannot write them on this machine")
@@ -71,10 +72,11 @@ def write_safetensors(f: IO[bytes], tensors: dict[str, torch.Tensor], metadata: 
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     text += b" " * (-len(text) % 8)  # tensor data starts 8-byte aligned, as safetensors writes it
     f.write(struct.pack("<Q", len(text)) + text)
-    kick = _Writeback(f)
+    kick = _Writeback(f) if durable else None
     for _, t in items:
         f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
-        kick()
+        if kick is not None:
+            kick()
 
 
 class _Writeback:
@@ -120,30 +122,37 @@ def _sync_file_range() -> Any:
         return False
 
 
-def atomic_save(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file and move it into place complete: a failed run leaves no partial output."""
+def atomic_save(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None, *,
+                durable: bool = False) -> None:
+    """Write a safetensors file and move it into place complete: a failed or killed run leaves no partial
+    output. ``durable`` also survives a power cut: the data is on disk (``fsync``) before the file gets
+    its name. That waits for the disk (about 1 s per GB here), which is why it is opt-in for outputs that
+    can be made again (expand, extract) and on for training checkpoints."""
     parent = os.path.dirname(os.path.abspath(path))
     try:
-        if not _save_unnamed(tensors, path, parent, metadata):
-            _save_named(tensors, path, parent, metadata)
+        if not _save_unnamed(tensors, path, parent, metadata, durable):
+            _save_named(tensors, path, parent, metadata, durable)
     except OSError as e:  # a full disk or a read-only directory is the user's to fix, not a bug
         raise GPDError(f"cannot write {path}: {e.strerror or e}") from None
-    _fsync_dir(parent)
+    if durable:
+        _fsync_dir(parent)
 
 
-def _write_synced(fd: int, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> IO[bytes]:
+def _write(fd: int, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None, durable: bool) -> IO[bytes]:
     f = os.fdopen(fd, "wb")
     try:
-        write_safetensors(f, tensors, metadata)
+        write_safetensors(f, tensors, metadata, durable)
         f.flush()
-        os.fsync(f.fileno())  # the data is on disk before the file gets its name
+        if durable:
+            os.fsync(f.fileno())  # the data is on disk before the file gets its name
     except BaseException:
         f.close()
         raise
     return f
 
 
-def _save_unnamed(tensors: dict[str, torch.Tensor], path: str, parent: str, metadata: dict[str, str] | None) -> bool:
+def _save_unnamed(tensors: dict[str, torch.Tensor], path: str, parent: str, metadata: dict[str, str] | None,
+                  durable: bool) -> bool:
     """Linux: write an unnamed file (O_TMPFILE) and name it only once complete, so that even SIGKILL
     leaves nothing behind. False where the system cannot (no O_TMPFILE, no /proc)."""
     try:
@@ -152,7 +161,7 @@ def _save_unnamed(tensors: dict[str, torch.Tensor], path: str, parent: str, meta
         return False
     tmp = None
     try:
-        with _write_synced(fd, tensors, metadata) as f:
+        with _write(fd, tensors, metadata, durable) as f:
             try:
                 tmp = _link(f.fileno(), path, parent)
             except OSError:
@@ -166,14 +175,15 @@ def _save_unnamed(tensors: dict[str, torch.Tensor], path: str, parent: str, meta
         raise
 
 
-def _save_named(tensors: dict[str, torch.Tensor], path: str, parent: str, metadata: dict[str, str] | None) -> None:
+def _save_named(tensors: dict[str, torch.Tensor], path: str, parent: str, metadata: dict[str, str] | None,
+                durable: bool) -> None:
     """A temporary file next to ``path``, removed on failure, renamed into place on success."""
     fd, tmp = tempfile.mkstemp(prefix=".gpd-", suffix=".tmp", dir=parent)
     try:
         umask = os.umask(0)
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)  # the permissions a plain open() gives, not mkstemp's 0600
-        _write_synced(fd, tensors, metadata).close()
+        _write(fd, tensors, metadata, durable).close()
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -215,9 +225,9 @@ def plan_digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def save_teacher(path: str, plan: Plan, tensors: dict[str, torch.Tensor]) -> None:
+def save_teacher(path: str, plan: Plan, tensors: dict[str, torch.Tensor], *, durable: bool = False) -> None:
     text = plan.to_json()
-    atomic_save(tensors, path, {PLAN_KEY: text, DIGEST_KEY: plan_digest(text)})
+    atomic_save(tensors, path, {PLAN_KEY: text, DIGEST_KEY: plan_digest(text)}, durable=durable)
 
 
 # -- reading ------------------------------------------------------------------------------

@@ -192,7 +192,7 @@ class GPDModel(nn.Module):
         return {k: out[k].contiguous() for k in expected}
 
     def save(self, path: str) -> None:
-        save_teacher(path, self.plan, self.file_tensors())
+        save_teacher(path, self.plan, self.file_tensors(), durable=True)
 
     def student_state_dict(self) -> dict[str, torch.Tensor]:
         """What `gpd extract` would write from the current teacher file: the original ``state_dict()``'s keys."""
@@ -217,7 +217,7 @@ class PlainModel(nn.Module):
         return self.student_state_dict()
 
     def save(self, path: str) -> None:
-        atomic_save(self.student_state_dict(), path)
+        atomic_save(self.student_state_dict(), path, durable=True)
 
     def student_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().contiguous() for k, v in self.student.state_dict().items()}
@@ -585,7 +585,7 @@ class Trainer:
         done = len(history) >= c.epochs
         files = {"checkpoint": self.checkpoint_file, "state": self.path(STATE_FILE)}
         if done and env.main:
-            atomic_save(model.student_state_dict(), self.path(STUDENT_FILE))
+            atomic_save(model.student_state_dict(), self.path(STUDENT_FILE), durable=True)
         if done:
             files["student"] = self.path(STUDENT_FILE)
         if env.active:
@@ -602,9 +602,9 @@ class Trainer:
         if env.main:
             tensors = model.file_tensors()
             if self.gpd:
-                save_teacher(self.checkpoint_file, model.plan, tensors)
+                save_teacher(self.checkpoint_file, model.plan, tensors, durable=True)
             else:
-                atomic_save(tensors, self.checkpoint_file)
+                atomic_save(tensors, self.checkpoint_file, durable=True)
             atomic_torch_save({
                 "format": STATE_FORMAT, "version": STATE_VERSION, "epoch": epoch, "step": step,
                 "optimizer": opt.state_dict(), "history": history, "identity": self._identity(),

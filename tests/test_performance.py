@@ -171,6 +171,27 @@ def test_verify_vit_with_extraction_check():
     assert report.passed and report.extraction
 
 
+def test_verify_holds_one_teacher_at_a_time(monkeypatch):
+    """verify never deep-copies a teacher (a float64 copy of a large teacher is gigabytes): at any moment it
+    holds the file's tensors and one teacher in the dtype it checks. The copies it makes are students."""
+    m = randomize(torchvision.models.resnet18(num_classes=5))
+    res = expand(m, (1, 3, 32, 32), ratio=2)
+    student_n = sum(p.numel() for p in m.parameters())
+    copied, real = [], copy.deepcopy
+
+    def deepcopy(obj, *a):
+        if isinstance(obj, nn.Module):
+            copied.append(sum(p.numel() for p in obj.parameters()))
+        return real(obj, *a)
+
+    monkeypatch.setattr(copy, "deepcopy", deepcopy)
+    report = verify(m, res.plan, res.tensors, (1, 3, 32, 32), device="cpu", n_inputs=1)
+    assert report.passed and len(report.extraction) == 2
+    assert copied and max(copied) <= student_n, (copied, student_n)
+    for t in res.tensors.values():  # the file's tensors are read, never cast in place
+        assert t.dtype in (torch.float32, torch.int64)
+
+
 def test_student_view_deepcopy_and_forward():
     from gpd_surgery.student_view import StudentView
 

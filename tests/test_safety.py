@@ -255,13 +255,31 @@ def test_writer_matches_safetensors_byte_for_byte(tmp_path):
     assert os.listdir(tmp_path) == ["x.safetensors"]
 
 
+@pytest.mark.parametrize("durable", [False, True])
+def test_durable_saves_fsync_before_naming(tmp_path, monkeypatch, durable):
+    """--durable: the data and the directory entry are fsynced, the data before the file has its name."""
+    path = tmp_path / "x.safetensors"
+    events = []
+    real = os.fsync
+
+    def fsync(fd):
+        events.append(("fsync", path.exists()))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    tensors = {"w": torch.randn(64, 64)}
+    gio.atomic_save(tensors, str(path), durable=durable)
+    assert path.read_bytes() == save(tensors)
+    assert events == ([("fsync", False), ("fsync", True)] if durable else [])
+
+
 def _fail_midway(monkeypatch, after=2):
     """Make the writer raise after it has written part of the file."""
     real = gio.write_safetensors
 
-    def write(f, tensors, metadata):
+    def write(f, tensors, metadata, durable=False):
         first = dict(list(tensors.items())[:after])
-        real(f, first, metadata)
+        real(f, first, metadata, durable)
         f.flush()
         raise OSError(28, "No space left on device")
 
@@ -298,8 +316,8 @@ KILL_SCRIPT = textwrap.dedent("""
     import sys, time
     from gpd_surgery import io
     real = io.write_safetensors
-    def slow(f, tensors, metadata):
-        real(f, dict(list(tensors.items())[:1]), metadata)
+    def slow(f, tensors, metadata, durable=False):
+        real(f, dict(list(tensors.items())[:1]), metadata, durable)
         f.flush()
         print("writing", flush=True)
         time.sleep(60)
