@@ -5,7 +5,7 @@ GPD    := $(VENV)/bin/gpd
 DEMO   := build/demo
 MODEL  := gpd_surgery.examples:small_cnn
 
-.PHONY: install demo test test-fast zoo clean
+.PHONY: install demo test test-fast zoo zoo-timm bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -31,6 +31,15 @@ test-fast: install
 # Every torchvision classification model at ratio 2 (long: about an hour on 2 cores); writes docs/zoo.md.
 zoo: install
 	$(PY) -m gpd_surgery.zoo --ratio 2 --output docs/zoo.md
+
+# One model of each timm family (CNNs, ViTs, hybrids, MLPs) at ratio 2; writes docs/zoo-timm.md.
+zoo-timm: install
+	$(PY) -m gpd_surgery.zoo --source timm --ratio 2 --output docs/zoo-timm.md
+
+# expand, extract, verify and the GPD training step against their floors (about 12 min on 2 cores);
+# prints the table and writes it to docs/performance.md. Options: make bench BENCH_ARGS="--reps 3".
+bench: install
+	$(PY) benchmarks/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf build .pytest_cache .hypothesis

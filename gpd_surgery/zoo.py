@@ -1,6 +1,8 @@
-"""Expand, verify and extract every torchvision classification model; a table and docs/zoo.md.
+"""Expand, verify and extract every torchvision classification model, or one model of each timm family;
+a table in docs/zoo.md or docs/zoo-timm.md.
 
-Run with ``make zoo`` or ``python -m gpd_surgery.zoo [--ratio R] [--output docs/zoo.md] [NAME...]``.
+Run with ``make zoo`` / ``make zoo-timm``, or
+``python -m gpd_surgery.zoo [--source torchvision|timm] [--ratio R] [--output FILE] [NAME...]``.
 """
 from __future__ import annotations
 
@@ -20,6 +22,36 @@ from .verify import TOLERANCE, _no_tf32, _outputs
 
 TRANSFORMERS = ("vit", "swin", "maxvit")
 
+# One small model of each timm family (timm 1.0): convolutional networks of every kind, vision
+# transformers, hybrids and MLP mixers. Names that this timm does not know are reported as such.
+TIMM_MODELS = (
+    # residual and grouped CNNs
+    "resnet18", "resnet50d", "resnext26ts", "seresnext26d_32x4d", "ecaresnet26t", "skresnet18",
+    "res2net50_14w_8s", "resnest14d", "regnetx_002", "regnety_002", "regnetz_b16", "resnetrs50",
+    "cspresnet50", "cspdarknet53", "darknet53", "dla34", "dpn68", "densenet121", "hrnet_w18_small",
+    "ese_vovnet19b_dw", "selecsls42b", "xception41", "inception_v3", "inception_v4", "repvgg_a0",
+    "nf_resnet26", "tresnet_m", "gernet_s", "hgnetv2_b0", "rdnet_tiny",
+    # mobile CNNs
+    "efficientnet_b0", "efficientnetv2_rw_t", "tf_efficientnet_lite0", "mobilenetv2_050", "mobilenetv3_small_050",
+    "mobilenetv4_conv_small", "mnasnet_small", "fbnetc_100", "ghostnet_100", "ghostnetv2_100", "lcnet_050",
+    "rexnet_100", "mobileone_s0", "repvit_m0_9", "fastvit_t8", "starnet_s1",
+    # modern CNNs and metaformers
+    "convnext_atto", "convnextv2_atto", "edgenext_xx_small", "poolformer_s12", "poolformerv2_s12",
+    "inception_next_tiny", "efficientformer_l1", "efficientformerv2_s0",
+    # vision transformers
+    "vit_tiny_patch16_224", "deit_tiny_distilled_patch16_224", "vit_small_patch16_rope_224", "cait_xxs24_224",
+    "xcit_nano_12_p16_224", "beit_base_patch16_224", "eva02_tiny_patch14_224", "flexivit_small",
+    "pit_ti_224", "tnt_s_patch16_224", "crossvit_tiny_240", "levit_128s", "visformer_tiny",
+    "deit3_small_patch16_224",
+    # hierarchical and windowed transformers, hybrids
+    "swin_tiny_patch4_window7_224", "swinv2_cr_tiny_ns_224", "pvt_v2_b0", "twins_pcpvt_small", "coat_lite_tiny",
+    "maxvit_nano_rw_256", "coatnet_nano_rw_224", "gcvit_xxtiny", "davit_tiny", "mvitv2_tiny", "nest_tiny",
+    "tiny_vit_5m_224", "mobilevit_xxs", "mobilevitv2_050", "efficientvit_b0", "efficientvit_m0", "hiera_tiny_224",
+    "fastvit_sa12", "volo_d1_224",
+    # MLPs
+    "mixer_b16_224", "resmlp_12_224", "gmlp_ti16_224", "convmixer_768_32", "sequencer2d_s",
+)
+
 
 def input_shape(name: str) -> tuple[int, ...]:
     """Small inputs where the architecture allows them; ViTs and windowed models need their own size."""
@@ -28,6 +60,29 @@ def input_shape(name: str) -> tuple[int, ...]:
     if name == "inception_v3":
         return (1, 3, 128, 128)
     return (1, 3, 64, 64)
+
+
+@torch.no_grad()
+def timm_input_shape(model: torch.nn.Module) -> tuple[int, ...]:
+    """64x64 where the model runs on it (most CNNs), else the input size of its default config."""
+    try:
+        model(torch.randn(1, 3, 64, 64))
+        return (1, 3, 64, 64)
+    except Exception:  # fixed position embeddings, windows, strides that need more pixels
+        size = tuple(getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224)))
+        return (1, *size)
+
+
+def make_model(name: str, source: str) -> tuple[torch.nn.Module, tuple[int, ...]]:
+    torch.manual_seed(0)
+    if source == "timm":
+        import timm
+
+        model = randomize(timm.create_model(name, pretrained=False))
+        return model, timm_input_shape(model)
+    import torchvision
+
+    return randomize(torchvision.models.get_model(name, weights=None)), input_shape(name)
 
 
 @dataclass
@@ -118,15 +173,12 @@ def _extract_error(res: Any, model: torch.nn.Module) -> float:
     return err
 
 
-def run_one(name: str, ratio: float) -> Row:
-    import torchvision
-
-    shape = input_shape(name)
-    row = Row(name, "x".join(map(str, shape[2:])))
+def run_one(name: str, ratio: float, source: str = "torchvision") -> Row:
+    row = Row(name, "")
     t0 = time.perf_counter()
     try:
-        torch.manual_seed(0)
-        model = randomize(torchvision.models.get_model(name, weights=None))
+        model, shape = make_model(name, source)
+        row.input = "x".join(map(str, shape[2:]))
         res = expand(model, shape, ratio, seed=0)
         summary = res.summary()
         row.student, row.teacher, row.frozen = summary["student_params"], summary["teacher_params"], summary["spaces_frozen"]
@@ -158,16 +210,18 @@ def _fmt(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.1e}"
 
 
-def markdown(rows: list[Row], ratio: float) -> str:
+def markdown(rows: list[Row], ratio: float, source: str = "torchvision") -> str:
     ok = sum(r.passed for r in rows)
+    title = ("The torchvision zoo" if source == "torchvision" else "One model of each timm family") + f" at ratio {ratio:g}"
     lines = [
-        "# The torchvision zoo at ratio %g" % ratio, "",
+        f"# {title}", "",
         f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}. "
         "Random weights and BatchNorm statistics; one random input; relative error = max|teacher - student| / "
         "max|student|; extract = max abs difference of the collapsed weights. A model passes with float64 <= 1e-10, "
         "extract <= 1e-6 and float32 <= 1e-5, or <= twice the student's own float32 error against its float64 "
         "self where float32 is coarser than that (two float32 computations of one function differ by up to the sum "
-        "of their rounding errors). Produced by `make zoo`.", "",
+        "of their rounding errors). Produced by `make " + ("zoo" if source == "torchvision" else "zoo-timm")
+        + f"` on {time.strftime('%Y-%m-%d')}.", "",
         "| model | input | student params | teacher params | x | frozen | float32 rel | student f32 vs f64 | float64 rel | extract | result | s | note |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
     ]
@@ -185,20 +239,27 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("names", nargs="*")
+    ap.add_argument("--source", choices=("torchvision", "timm"), default="torchvision")
     ap.add_argument("--ratio", type=float, default=2.0)
-    ap.add_argument("--output", default="docs/zoo.md")
+    ap.add_argument("--output", default=None, help="docs/zoo.md, or docs/zoo-timm.md for --source timm")
     a = ap.parse_args(argv)
-    names = a.names or sorted(torchvision.models.list_models(module=torchvision.models))
+    output = a.output or ("docs/zoo.md" if a.source == "torchvision" else "docs/zoo-timm.md")
+    if a.names:
+        names = a.names
+    elif a.source == "timm":
+        names = list(TIMM_MODELS)
+    else:
+        names = sorted(torchvision.models.list_models(module=torchvision.models))
     console = Console()
     rows: list[Row] = []
     for name in names:
-        row = run_one(name, a.ratio)
+        row = run_one(name, a.ratio, a.source)
         rows.append(row)
         console.print(f"{name:24s} {'[green]pass[/]' if row.passed else '[red]FAIL[/]'} f32 {_fmt(row.f32)} "
                       f"f64 {_fmt(row.f64)} extract {_fmt(row.extract)} x{row.teacher / max(row.student, 1):.2f} "
                       f"frozen {row.frozen} {row.seconds:.0f}s {row.note}", highlight=False)
-        with open(a.output, "w") as f:
-            f.write(markdown(rows, a.ratio))
+        with open(output, "w") as f:
+            f.write(markdown(rows, a.ratio, a.source))
     ok = sum(r.passed for r in rows)
     console.print(f"{ok} of {len(rows)} models pass")
     return 0 if ok == len(rows) else 1
