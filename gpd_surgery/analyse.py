@@ -169,7 +169,10 @@ def analyse(gm: fx.GraphModule) -> Analysis:
                     ctx.freeze(lay, f"{BOUNDARY}: output")
             continue
         elif not ctx.tensor_args() and not _has_tensor(ctx.spec(node)) and node.op != "get_attr":
-            out = None  # arithmetic on sizes and other plain values
+            from .rules import plain_value
+
+            plain_value(ctx)  # arithmetic on sizes and other plain values
+            out = None
         else:
             rule = lookup(node, gm)
             out = rule(ctx) if rule is not None else ctx.unsupported(describe(node, gm))

@@ -23,6 +23,7 @@ from torch import nn
 from .analyse import Ctx, Dims
 from .errors import GPDError
 from .layout import Cat, Layout, Prod
+from .trace import TensorSpec
 from .teacher_ops import (WeightedLayerNorm, WeightedRMSNorm, copy_weights, is_uniform, weighted_layer_norm,
                           weighted_rms_norm)
 
@@ -83,8 +84,44 @@ def _attr_param(ctx: Ctx, node: Any, modes: list[str | None]) -> list[Layout] | 
 # -- values that carry no channel semantics ---------------------------------------
 @register("size", "dim", "numel", "get_device", getattr)
 def introspection(ctx: Ctx) -> Dims:
-    # The teacher reads its own sizes; reshape rules rewrite any size that must change.
+    # The teacher reads its own sizes; reshape rules rewrite any size that must change, and a size used
+    # as a number keeps the student's value (see plain_value).
+    plain_value(ctx)
     return None
+
+
+_SIZE_CONSUMERS = {"view", "reshape", "expand", torch.reshape}
+
+
+def plain_value(ctx: Ctx) -> None:
+    """A number computed from tensor sizes (``C = x.shape[-1]``, ``(C // heads) ** -0.5``). Where it reads a
+    widened dim, the teacher computes another value; used as a number (a scale, a divisor) it must be the
+    student's, so the teacher gets the student's value there. Sizes given to view, reshape and expand are
+    left to their rules, which set the teacher's sizes; other sizes computed from it decide for themselves."""
+    node = ctx.node
+    assert node is not None
+    value = ctx.spec(node)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    reads = _size_reads(ctx, node)
+    if not reads:
+        return
+
+    def hook(n: fx.Node, size: Any) -> None:
+        if all(size(r) == size.student(r) for r in reads):
+            return
+        for user in list(n.users):
+            if user.target in _SIZE_CONSUMERS or _is_plain_arithmetic(user):
+                continue
+            user.args = fx.node.map_arg(user.args, lambda a: value if a is n else a)
+            user.kwargs = fx.node.map_arg(user.kwargs, lambda a: value if a is n else a)
+
+    ctx.on_build_node(hook)
+
+
+def _is_plain_arithmetic(n: fx.Node) -> bool:
+    return n.op == "call_function" and n.target in _ARITHMETIC and not any(
+        isinstance(a, fx.Node) and isinstance(a.meta.get("gpd_spec"), TensorSpec) for a in n.all_input_nodes)
 
 
 @register("get_attr")
@@ -356,6 +393,69 @@ def _size_args(node: fx.Node) -> tuple[list[Any], bool]:
     return rest, False
 
 
+_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod,
+               operator.neg, operator.pow, int, float, max, min}
+
+
+def _size_reads(ctx: Ctx, a: Any, depth: int = 0) -> list[Layout] | None:
+    """The tensor dims that a size computed in the graph (``C // self.num_heads`` with ``B, N, C = x.shape``)
+    reads, or None where it depends on something else. A size that reads a widened dim has another value
+    in the teacher, which the teacher must not take (the heads widen, the head size does not)."""
+    if not isinstance(a, fx.Node):
+        return [] if isinstance(a, (int, float, bool)) or a is None else None
+    if depth > 32:
+        return None
+    if a.op == "call_method" and a.target == "size" and ctx.is_tensor(a.args[0]):
+        xd = ctx.dims(a.args[0])  # type: ignore[arg-type]
+        dim = a.args[1] if len(a.args) > 1 else a.kwargs.get("dim")
+        return list(xd) if dim is None else [xd[_dim(dim, len(xd))]] if isinstance(dim, int) else None
+    if a.op == "call_function" and a.target is getattr and a.args[1] == "shape" and ctx.is_tensor(a.args[0]):
+        return list(ctx.dims(a.args[0]))  # type: ignore[arg-type]
+    if a.op == "call_function" and a.target is operator.getitem and isinstance(a.args[1], int):
+        whole = a.args[0]
+        if isinstance(whole, fx.Node) and (whole.op == "call_method" and whole.target == "size"
+                                           or whole.op == "call_function" and whole.target is getattr):
+            tensor = whole.args[0]
+            if ctx.is_tensor(tensor):
+                xd = ctx.dims(tensor)  # type: ignore[arg-type]
+                return [xd[_dim(a.args[1], len(xd))]]
+        return None
+    if a.op == "call_method" and a.target == "numel" and ctx.is_tensor(a.args[0]):
+        return list(ctx.dims(a.args[0]))  # type: ignore[arg-type]
+    if a.op == "call_function" and a.target in _ARITHMETIC:
+        reads: list[Layout] = []
+        for arg in a.args:
+            r = _size_reads(ctx, arg, depth + 1)
+            if r is None:
+                return None
+            reads += r
+        return reads
+    return None
+
+
+def _new_sizes(ctx: Ctx, sizes: list[Any], out: list[Layout], b: tuple[int, ...]
+               ) -> Callable[[list[Any], Any], list[Any]]:
+    """How the teacher computes each target size of a view, reshape or expand: -1 stays; a constant becomes
+    the teacher's size; a size computed in the graph stays computed (a batch size follows the input) unless
+    it reads a widened dim, where the teacher's size replaces it."""
+    reads = [_size_reads(ctx, s) if isinstance(s, fx.Node) else None for s in sizes]
+
+    def new(teacher_sizes: list[Any], size: Any) -> list[Any]:  # the same sizes, as nodes of the teacher's graph
+        result = []
+        for d, (s, lay) in enumerate(zip(teacher_sizes, out)):
+            if isinstance(s, int) and s == -1:
+                result.append(s)
+            elif isinstance(s, fx.Node) and reads[d] is not None and all(size(r) == size.student(r) for r in reads[d]):
+                result.append(s)
+            elif isinstance(s, fx.Node) and reads[d] is None and size(lay) == b[d]:
+                result.append(s)  # not understood, and the size does not change: left to the graph, as before
+            else:
+                result.append(size(lay))
+        return result
+
+    return new
+
+
 @register("view", "reshape", torch.reshape, torch.flatten, "flatten", nn.Flatten, nn.Unflatten, torch.unflatten,
           "unflatten", torch.squeeze, "squeeze", torch.unsqueeze, "unsqueeze", "view_as", "reshape_as")
 def reshape(ctx: Ctx) -> Dims:
@@ -375,9 +475,11 @@ def reshape(ctx: Ctx) -> Dims:
         for j, f in zip(gj, fresh):
             out[j] = f
     if str(ctx.node.target) in ("view", "reshape") or ctx.node.target is torch.reshape:
+        sizes, as_seq = _size_args(ctx.node)
+        new_sizes = _new_sizes(ctx, sizes, out, b)
+
         def rewrite(n: fx.Node, size: Any) -> None:
-            sizes, as_seq = _size_args(n)
-            new = [s if s == -1 or size(lay) == b[d] else size(lay) for d, (s, lay) in enumerate(zip(sizes, out))]
+            new = new_sizes(_size_args(n)[0], size)
             n.args = (n.args[0], tuple(new)) if as_seq or n.kwargs else (n.args[0], *new)
             n.kwargs = {}
 
@@ -393,9 +495,11 @@ def expand(ctx: Ctx) -> Dims:
     xd, a, b = ctx.dims(x), ctx.shape(x), ctx.shape(ctx.node)
     lead = len(b) - len(a)
     out = ctx.fresh(b[:lead]) + [xd[i] if a[i] == b[lead + i] else ctx.spaces.new(b[lead + i]) for i in range(len(a))]
+    sizes, as_seq = _size_args(ctx.node)
+    new_sizes = _new_sizes(ctx, sizes, out, b)
+
     def rewrite(n: fx.Node, size: Any) -> None:
-        sizes, as_seq = _size_args(n)
-        new = [s if s == -1 or size(lay) == b[d] else size(lay) for d, (s, lay) in enumerate(zip(sizes, out))]
+        new = new_sizes(_size_args(n)[0], size)
         n.args = (n.args[0], tuple(new)) if as_seq else (n.args[0], *new)
         n.kwargs = {}
 
@@ -488,21 +592,45 @@ def getitem(ctx: Ctx) -> Dims:
         k = items.index(Ellipsis)
         items[k : k + 1] = [slice(None)] * (len(xd) - sum(i is not None for i in items if i is not Ellipsis))
     out: list[Layout] = []
+    cuts: dict[int, tuple[Layout | None, Layout]] = {}  # item position -> (what precedes the slice, the slice)
     d = 0
-    for it in items:
+    for k, it in enumerate(items):
         if it is None:
             out.append(ctx.spaces.new(1))
             continue
-        if it == slice(None):
-            out.append(xd[d])
+        if isinstance(it, slice) and it.step in (None, 1):
+            n = ctx.shape(src)[d]
+            start, stop, _ = it.indices(n)
+            stop = max(start, stop)
+            if start == 0 and stop == n:  # the whole dim, however written ([:n], [0:], [:])
+                out.append(xd[d])
+                if it != slice(None):
+                    cuts[k] = (None, xd[d])
+            else:  # a contiguous piece: the dim is the concatenation of what comes before, it, and after
+                pre = ctx.spaces.new(start) if start else None
+                piece = ctx.spaces.new(stop - start)
+                post = ctx.spaces.new(n - stop) if stop < n else None
+                ctx.unify(xd[d], Cat(tuple(p for p in (pre, piece, post) if p is not None)))
+                out.append(piece)
+                cuts[k] = (pre, piece)
         else:
             ctx.freeze(xd[d], "indexing into a channel dimension")
             if isinstance(it, slice):
-                out.append(ctx.spaces.new(ctx.shape(ctx.node)[len(out)]))
+                out.append(ctx.spaces.new(ctx.shape(ctx.node)[len(out)], frozen="strided slice of a channel dimension"))
         d += 1
+    if cuts:
+        def rewrite(n: fx.Node, size: Any) -> None:
+            idx = list(n.args[1]) if isinstance(n.args[1], tuple) else [n.args[1]]
+            if Ellipsis in idx:  # the positions above are after expanding the ellipsis
+                e = idx.index(Ellipsis)
+                idx[e : e + 1] = [slice(None)] * (len(items) - len(idx) + 1)
+            for k, (pre, piece) in cuts.items():
+                start = size(pre) if pre is not None else 0
+                idx[k] = slice(start or None, start + size(piece))
+            n.args = (n.args[0], tuple(idx) if isinstance(n.args[1], tuple) or len(idx) > 1 else idx[0])
+
+        ctx.on_build_node(rewrite)
     return out + list(xd[d:])
-
-
 
 
 @register(F.pad)

@@ -162,7 +162,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
     """Symbolically trace ``model``; an untraceable model is a user error naming where fx stopped."""
     tracer = _Tracer(*leaf_modules_and_wrapped(model))
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=_optional_args(model))
     except Exception as e:
         where = _user_frame(e)
         inner = ""
@@ -175,6 +175,20 @@ def trace(model: nn.Module) -> fx.GraphModule:
             "function with torch.fx.wrap)"
         ) from None
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _optional_args(model: nn.Module) -> dict[str, Any] | None:
+    """Arguments of ``forward`` after the input that have defaults (``mask=None``), traced at their defaults:
+    the teacher is made for the call ``model(x)``, and ``if mask is not None`` must not be traced as taken."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    optional = {p.name: p.default for p in params[1:] if p.kind in kinds and p.default is not inspect.Parameter.empty}
+    return optional or None
 
 
 def _has_module(model: nn.Module, name: str) -> bool:

@@ -454,6 +454,95 @@ def test_shuffle_then_gate_widens_by_ratio(gate):
     assert tshape(res, "conv1.weight")[:2] == (8, 8)
 
 
+class Slices(nn.Module):
+    """Channel slices as timm writes them: rexnet's partial residual ``x[:, :c] + shortcut`` then ``x[:, c:]``,
+    ghostnet's ``cat(...)[:, :out]`` over the whole cat, DPN's ``x[:, :k]`` / ``x[:, k:]``, and a slice with an
+    ellipsis and negative bounds."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.a, self.b = nn.Conv2d(3, 6, 1), nn.Conv2d(6, 10, 1), nn.Conv2d(6, 4, 1)
+        self.head, self.head2 = nn.Conv2d(10, 5, 1), nn.Conv2d(4, 5, 1)
+
+    def forward(self, x):
+        s = F.relu(self.stem(x))
+        y = self.a(s)
+        y = torch.cat([y[:, :6] + s, y[:, 6:]], dim=1)  # rexnet
+        y = torch.cat([y[:, 0:3], y[:, 3:]], dim=1)[:, :10]  # DPN-style cut, then a slice of the whole
+        z = torch.cat([self.b(s), y], dim=1)[..., -4:, :][:, :, :, 1:]  # spatial slices stay spatial
+        return self.head(z[:, 4:]) + self.head2(z[:, -14:-10])
+
+
+@pytest.mark.parametrize("ratio", [2, 3, 1.5])
+def test_channel_slices_widen_with_their_pieces(ratio):
+    res = check(Slices(), (2, 3, 5, 5), ratio)
+    # a's 10 channels are cut as 3 + 3 + 4 (the pieces every slice names), the stem's 6 as 3 + 3
+    assert tshape(res, "a.weight") == (2 * w(3, ratio) + w(4, ratio), 2 * w(3, ratio), 1, 1)
+    assert tshape(res, "head.weight")[1] == tshape(res, "a.weight")[0]
+
+
+class StridedSlice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = nn.Conv2d(3, 8, 1), nn.Conv2d(4, 5, 1)
+
+    def forward(self, x):
+        return self.head(self.a(x)[:, ::2])  # every other channel: not a piece of a concatenation
+
+
+def test_strided_channel_slice_is_frozen():
+    res = check(StridedSlice(), (2, 3, 5, 5), frozen_ok=True, wider=False)
+    assert tshape(res, "a.weight") == (8, 3, 1, 1)
+    assert res.summary()["spaces_frozen"] >= 1
+
+
+class HeadsFromShape(nn.Module):
+    """timm's attention: ``B, N, C = x.shape`` then ``reshape(B, N, 3, heads, C // heads)``; the head size is
+    computed from the widened width, yet must stay as it is while the heads widen."""
+
+    def __init__(self, dim=8, heads=2):
+        super().__init__()
+        self.heads, self.qkv, self.proj = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.inp, self.out = nn.Linear(4, dim), nn.Linear(dim, 3)
+
+    def forward(self, x):
+        x = self.inp(x)
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        a = (q @ k.transpose(-2, -1) * (C // self.heads) ** -0.5).softmax(-1)
+        y = (a @ v).transpose(1, 2).reshape(B, N, C)
+        y = y.view(x.size(0), -1, x.size(-1))  # sizes read from another tensor
+        return self.out(self.proj(y) + x)
+
+
+@pytest.mark.parametrize("ratio", [2, 3])
+def test_reshape_sizes_computed_from_shapes(ratio):
+    res = check(HeadsFromShape(), (2, 5, 4), ratio)
+    assert tshape(res, "qkv.weight") == (3 * 8 * ratio, 8 * ratio)
+    teacher = res.teacher().eval()
+    with torch.no_grad():  # the batch size stays a computed size: the teacher takes any batch
+        assert teacher(torch.randn(7, 5, 4)).shape == (7, 5, 3)
+
+
+class OptionalMask(nn.Module):
+    """hiera's ``forward(x, mask=None)``: traced at the default, not as if a mask were given."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x, mask=None, scale: float = 1.0):
+        y = F.relu(self.a(x))
+        if mask is not None:
+            y = y * mask.view(1, -1, 1, 1)
+        return self.b(y) * scale
+
+
+def test_optional_forward_arguments_are_traced_at_their_defaults():
+    res = check(OptionalMask(), (2, 3, 5, 5))
+    assert tshape(res, "a.weight") == (16, 3, 1, 1)
+
+
 class SplitOne(nn.Module):
     def __init__(self):
         super().__init__()
