@@ -276,6 +276,19 @@ class Sizes:
             return self.graph.get_attr(name)
 
 
+def _unsaved(t: torch.Tensor, info: Any, maps: Maps) -> torch.Tensor:
+    """A tensor the teacher file does not hold, widened from the student's value: copied channels, and dense
+    inputs split equally (it has no file to carry shares)."""
+    if info is None:
+        return t
+    dims = [(d, maps.resolve(lay), mode or "copy") for d, (lay, mode) in enumerate(zip(info.layouts, info.modes))]
+    dims = [(d, lay, mode) for d, lay, mode in dims if maps.src(lay) is not None]
+    if not dims:
+        return t
+    recipe = Recipe("", "buffer", tuple(t.shape), DTYPE_NAMES.get(t.dtype, "float32"), False, dims)
+    return expand_tensor(t.detach(), recipe, maps, None)
+
+
 def build_teacher(student: Student, maps: Maps, tensors: dict[str, torch.Tensor],
                   plan_branches: dict[str, list[str]] | None = None) -> fx.GraphModule:
     """A GraphModule computing the teacher: the student's graph over widened modules (with their branches),
@@ -305,7 +318,9 @@ def build_teacher(student: Student, maps: Maps, tensors: dict[str, torch.Tensor]
                     _install(root, target, copy.copy(getattr_path(gm, target)))
                 continue
             orig = getattr_path(gm, target)
-            t = tensors.get(target, orig)
+            t = tensors.get(target)
+            if t is None:  # not in the file (a non-persistent buffer, beit's zero k_bias): widened here
+                t = _unsaved(orig, analysis.params.get(target), maps)
             _install(root, target, nn.Parameter(t, orig.requires_grad) if isinstance(orig, nn.Parameter) else t)
     for old, new in env.items():
         hook = analysis.node_hooks.get(old.name)

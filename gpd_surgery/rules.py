@@ -146,7 +146,7 @@ UNARY_FUNCTIONS = (
 UNARY_METHODS = (
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "contiguous", "clone", "detach", "float",
     "double", "half", "bfloat16", "to", "type_as", "exp", "log", "sqrt", "rsqrt", "abs", "neg", "clamp",
-    "clamp_", "clamp_min", "clamp_max", "pow", "square", "erf", "reciprocal", "sign", "requires_grad_",
+    "clamp_", "clamp_min", "clamp_max", "square", "erf", "reciprocal", "sign", "requires_grad_",
 )
 
 
@@ -162,6 +162,7 @@ BINARY = (
     operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub, operator.imul,
     operator.itruediv, torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum, torch.where,
     "add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_", "maximum", "minimum", "masked_fill",
+    operator.pow, torch.pow, "pow", torch.addcmul, "addcmul", torch.addcdiv, "addcdiv", torch.lerp, "lerp",
 )
 
 
@@ -267,6 +268,37 @@ def group_norm(ctx: Ctx) -> Dims:
         t.num_groups, t.num_channels = size(groups), size(xd[1])
 
     ctx.on_build_module(build)
+    return list(xd)
+
+
+@register(F.group_norm)
+def group_norm_function(ctx: Ctx) -> Dims:
+    """``F.group_norm(x, num_groups, weight, bias)`` (timm's GroupNorm1): as the module, the groups widen."""
+    xd = ctx.dims(_first(ctx))
+    num_groups = ctx.arg(1, "num_groups")
+    if not isinstance(num_groups, int):
+        return ctx.unsupported("F.group_norm with a computed number of groups")
+    params = []
+    for i, name in ((2, "weight"), (3, "bias")):
+        p = ctx.arg(i, name)
+        if isinstance(p, fx.Node):
+            P = _attr_param(ctx, p, ["copy"])
+            if P is None:
+                return ctx.unsupported(f"F.group_norm with a computed {name}")
+            params.append(P[0])
+    groups = ctx.expandable(num_groups)
+    within = ctx.spaces.new(ctx.shape(_first(ctx))[1] // num_groups, frozen=f"{BY_DESIGN}: channels within a group")
+    ctx.unify(xd[1], Prod((groups, within)))
+    for P in params:
+        ctx.unify(P, xd[1])
+
+    def rewrite(n: fx.Node, size: Any) -> None:
+        if len(n.args) > 1:
+            n.args = (n.args[0], size(groups), *n.args[2:])
+        else:
+            n.kwargs = {**n.kwargs, "num_groups": size(groups)}
+
+    ctx.on_build_node(rewrite)
     return list(xd)
 
 
@@ -445,10 +477,9 @@ def _new_sizes(ctx: Ctx, sizes: list[Any], out: list[Layout], b: tuple[int, ...]
         for d, (s, lay) in enumerate(zip(teacher_sizes, out)):
             if isinstance(s, int) and s == -1:
                 result.append(s)
-            elif isinstance(s, fx.Node) and reads[d] is not None and all(size(r) == size.student(r) for r in reads[d]):
-                result.append(s)
-            elif isinstance(s, fx.Node) and reads[d] is None and size(lay) == b[d]:
-                result.append(s)  # not understood, and the size does not change: left to the graph, as before
+            elif isinstance(s, fx.Node) and size(lay) == b[d] and (
+                    reads[d] is None or all(size(r) == size.student(r) for r in reads[d])):
+                result.append(s)  # a size that does not change, computed from sizes that do not either
             else:
                 result.append(size(lay))
         return result
@@ -598,7 +629,8 @@ def getitem(ctx: Ctx) -> Dims:
         if it is None:
             out.append(ctx.spaces.new(1))
             continue
-        if isinstance(it, slice) and it.step in (None, 1):
+        if isinstance(it, slice) and it.step in (None, 1) and all(
+                isinstance(v, int) or v is None for v in (it.start, it.stop)):
             n = ctx.shape(src)[d]
             start, stop, _ = it.indices(n)
             stop = max(start, stop)
@@ -889,8 +921,10 @@ def linear_function(ctx: Ctx) -> Dims:
         return ctx.unsupported("F.linear with a computed weight")
     b = ctx.arg(2, "bias")
     B = _attr_param(ctx, b, ["copy"])
-    if B is None and isinstance(b, fx.Node):
-        return ctx.unsupported("F.linear with a computed bias")
+    if B is None and isinstance(b, fx.Node):  # beit's qkv bias: cat(q_bias, zeros, v_bias), copied per channel
+        if not ctx.is_tensor(b) or len(ctx.shape(b)) != 1:
+            return ctx.unsupported("F.linear with a computed bias that is not a vector")
+        B = ctx.dims(b)
     ctx.spaces.mark_expandable(W[0])
     ctx.unify(ctx.dims(x)[-1], W[1])
     if B is not None:
@@ -975,9 +1009,22 @@ try:  # timm fuses norm and activation into leaf modules; the activation acts pe
 except Exception:  # timm is optional
     pass
 
-try:
-    from timm.models import swin_transformer as _timm_swin
+def _timm_channels_last_windows() -> None:
+    """timm's window and block (un)partitions, wrapped from tracing: (B, H, W, C) <-> windows of (..., C)."""
+    import importlib
 
-    register(_timm_swin.window_partition, _timm_swin.window_reverse)(channels_last_window)
-except Exception:  # timm is optional
-    pass
+    names = {"swin_transformer": ("window_partition", "window_reverse"),
+             "swin_transformer_v2": ("window_partition", "window_reverse"),
+             "swin_transformer_v2_cr": ("window_partition", "window_reverse"),
+             "maxxvit": ("window_partition", "window_reverse", "grid_partition", "grid_reverse"),
+             "gcvit": ("window_partition", "window_reverse"), "davit": ("window_partition", "window_reverse"),
+             "nest": ("blockify", "deblockify")}
+    for module, fns in names.items():
+        try:
+            mod = importlib.import_module(f"timm.models.{module}")
+        except Exception:  # timm is optional, and its modules come and go
+            continue
+        register(*[getattr(mod, f) for f in fns if hasattr(mod, f)])(channels_last_window)
+
+
+_timm_channels_last_windows()

@@ -608,3 +608,26 @@ def test_verify_localizes_perturbed_weight(rows):
     # a non-canonical copy breaks the teacher but not the collapsed student
     back = collapse(res.plan, tensors)["3.weight"]
     assert torch.equal(back, m.state_dict()["3.weight"]) == (rows == "copy")
+
+
+class FunctionalGroupNorm(nn.Module):
+    def __init__(self, groups):
+        super().__init__()
+        self.groups, self.a, self.b = groups, nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+        self.weight, self.bias = nn.Parameter(torch.ones(8)), nn.Parameter(torch.zeros(8))
+
+    def forward(self, x):
+        y = F.group_norm(self.a(x), self.groups, self.weight, self.bias, 1e-5)
+        return self.b(y.pow(2) + torch.addcmul(y, y, y, value=0.5))
+
+
+@pytest.mark.parametrize("ratio", [2, 3])
+def test_functional_group_norm_widens_its_groups(ratio):
+    res = check(FunctionalGroupNorm(4), (2, 3, 5, 5), ratio)
+    assert tshape(res, "weight") == (8 * ratio,)
+    assert tshape(res, "a.weight") == (8 * ratio, 3, 1, 1)
+
+
+def test_functional_group_norm_with_one_group_keeps_its_channels():
+    res = check(FunctionalGroupNorm(1), (2, 3, 5, 5), wider=False)  # statistics over all channels: by design
+    assert tshape(res, "a.weight") == (8, 3, 1, 1)
