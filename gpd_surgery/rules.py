@@ -470,6 +470,15 @@ def _new_sizes(ctx: Ctx, sizes: list[Any], out: list[Layout], b: tuple[int, ...]
     """How the teacher computes each target size of a view, reshape or expand: -1 stays; a constant becomes
     the teacher's size; a size computed in the graph stays computed (a batch size follows the input) unless
     it reads a widened dim, where the teacher's size replaces it."""
+    if len(sizes) == 1 and isinstance(sizes[0], fx.Node) and isinstance(ctx.spec(sizes[0]), (tuple, list)):
+        whole = _size_reads(ctx, sizes[0])  # reshape(x.shape): one node for every size
+
+        def new_whole(teacher_sizes: list[Any], size: Any) -> list[Any]:
+            if whole is not None and len(whole) == len(out) and all(size(r) == size(lay) for r, lay in zip(whole, out)):
+                return teacher_sizes  # the teacher's own shape is the one wanted
+            return [size(lay) for lay in out]
+
+        return new_whole
     reads = [_size_reads(ctx, s) if isinstance(s, fx.Node) else None for s in sizes]
 
     def new(teacher_sizes: list[Any], size: Any) -> list[Any]:  # the same sizes, as nodes of the teacher's graph

@@ -211,6 +211,8 @@ def run_one(name: str, ratio: float, source: str = "torchvision") -> Row:
             row.sens = _rel(moved, ys64)
         if plan.report.get("frozen"):
             row.note = (row.note + "; " if row.note else "") + plan.report["frozen"][0]["reason"]
+        elif plan.report.get("unsupported"):  # nothing that could widen reached them, yet they stop it
+            row.note = (row.note + "; " if row.note else "") + "unsupported: " + ", ".join(plan.report["unsupported"])
     except Exception as e:  # one model's failure is a row, not the end of the run
         row.note = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
     row.seconds = time.perf_counter() - t0

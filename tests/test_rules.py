@@ -509,6 +509,7 @@ class HeadsFromShape(nn.Module):
         x = self.inp(x)
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        q = torch.stack([-q[..., 1::2], q[..., ::2]], -1).reshape(q.shape)  # rotary embedding: a whole shape
         a = (q @ k.transpose(-2, -1) * (C // self.heads) ** -0.5).softmax(-1)
         y = (a @ v).transpose(1, 2).reshape(B, N, C)
         y = y.view(x.size(0), -1, x.size(-1))  # sizes read from another tensor
