@@ -547,6 +547,18 @@ def expand(ctx: Ctx) -> Dims:
     return out
 
 
+@register("expand_as")
+def expand_as(ctx: Ctx) -> Dims:
+    """``y.expand_as(x)`` (ECA's gate): the teacher expands to its own ``x``, so only the dims relate."""
+    y, x = ctx.tensor_args()[:2]
+    yd, xd, a, b = ctx.dims(y), ctx.dims(x), ctx.shape(y), ctx.shape(x)
+    lead = len(b) - len(a)
+    for i in range(len(a)):
+        if a[i] == b[lead + i]:
+            ctx.unify(yd[i], xd[lead + i])
+    return list(xd)
+
+
 @register(torch.permute, "permute", torch.transpose, "transpose", torch.swapaxes, "swapaxes", "t", torch.t)
 def permute(ctx: Ctx) -> Dims:
     xd = list(ctx.dims(_first(ctx)))

@@ -632,3 +632,22 @@ def test_functional_group_norm_widens_its_groups(ratio):
 def test_functional_group_norm_with_one_group_keeps_its_channels():
     res = check(FunctionalGroupNorm(1), (2, 3, 5, 5), wider=False)  # statistics over all channels: by design
     assert tshape(res, "a.weight") == (8, 3, 1, 1)
+
+
+class EcaGate(nn.Module):
+    """timm's ECA: a 1-d conv across channels is not used here; the gate is expanded with expand_as."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.g, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        gate = torch.sigmoid(self.g(y.mean((2, 3), keepdim=True)))
+        return self.b(y * gate.expand_as(y))
+
+
+@pytest.mark.parametrize("ratio", [2, 3])
+def test_expand_as_relates_the_channels(ratio):
+    res = check(EcaGate(), (2, 3, 5, 5), ratio)
+    assert tshape(res, "g.weight") == (8 * ratio, 8 * ratio, 1, 1)
