@@ -20,7 +20,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .analyse import Ctx, Dims
+from .analyse import Ctx, Dims, NodeHook
 from .errors import GPDError
 from .layout import Cat, Layout, Prod
 from .trace import TensorSpec
@@ -356,19 +356,62 @@ def _dims_arg(ctx: Ctx, ndim: int, i: int = 1, name: str = "dim") -> list[int]:
 
 
 @register(torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var, torch.logsumexp, torch.max,
-          torch.min, "mean", "sum", "amax", "amin", "std", "var", "logsumexp", "max", "min", "norm")
+          torch.min, torch.norm, "mean", "sum", "amax", "amin", "std", "var", "logsumexp", "max", "min", "norm")
 def reduce(ctx: Ctx) -> Dims:
     x = _first(ctx)
     xd, n = ctx.dims(x), len(ctx.shape(x))
     if len([a for a in ctx.tensor_args()]) > 1:
         return broadcast(ctx)  # torch.max(a, b) is elementwise
-    reduced = _dims_arg(ctx, n, 2 if str(ctx.node.target) == "norm" else 1)
-    for d in reduced:
-        ctx.freeze(xd[d], f"reduction over a channel dimension ({ctx.node.target})")
-    keepdim = bool(ctx.arg(3 if str(ctx.node.target) == "norm" else 2, "keepdim", False))
+    kind = getattr(ctx.node.target, "__name__", ctx.node.target)
+    reduced = _dims_arg(ctx, n, 2 if kind == "norm" else 1)
+    keepdim = bool(ctx.arg(3 if kind == "norm" else 2, "keepdim", False))
+    if kind in ("amax", "amin"):
+        pass  # the copies of a channel hold its value: the largest over them is the student's
+    elif kind in ("mean", "sum") and isinstance(ctx.spec(ctx.node), TensorSpec) and ctx.spec(ctx.node).dtype.is_floating_point:
+        ctx.on_build_node(_weighted_reduction(xd, reduced, keepdim, kind))
+    else:
+        for d in reduced:
+            ctx.freeze(xd[d], f"reduction over a channel dimension ({ctx.node.target})")
     out = [ctx.spaces.new(1) if d in reduced else lay for d, lay in enumerate(xd) if keepdim or d not in reduced]
     spec = ctx.spec(ctx.node)
     return (out, list(out)) if isinstance(spec, tuple) else out
+
+
+def _weighted_reduction(xd: list[Layout], reduced: list[int], keepdim: bool, kind: str) -> NodeHook:
+    """A mean or sum over widened dims, as the student's: each teacher channel weighs 1 / (number of copies of
+    its student channel), and a mean divides by the student's sizes (convnextv2's GRN, a channel mean). Left
+    as it is where that changes nothing: a mean over dims whose channels all have as many copies."""
+
+    def rewrite(n: fx.Node, size: Any) -> None:
+        factors, plain = [], True
+        for d in reduced:
+            src, student = size.src(xd[d]), size.student(xd[d])
+            if src is None:
+                factors.append(None if kind == "sum" else torch.full((student,), 1.0 / student, dtype=torch.float64))
+                continue
+            counts = torch.bincount(src, minlength=student).to(torch.float64)
+            w = 1.0 / counts[src]
+            factors.append(w / student if kind == "mean" else w)
+            plain = plain and kind == "mean" and is_uniform(src, student)
+        if plain or all(f is None for f in factors):
+            return
+        x = n.args[0]
+        ndim = len(xd)
+        weight = torch.ones([1] * ndim, dtype=torch.float64)
+        for d, f in zip(reduced, factors):
+            if f is not None:
+                shape = [1] * ndim
+                shape[d] = len(f)
+                weight = weight * f.view(shape)
+        const = size.constant(n, weight)  # float64, cast to the activation's dtype where it is used
+        graph = n.graph
+        with graph.inserting_before(n):
+            w = graph.call_method("type_as", (const, x))
+            prod = graph.call_function(operator.mul, (x, w))
+        n.op, n.target = "call_function", torch.sum
+        n.args, n.kwargs = (prod,), {"dim": tuple(reduced), "keepdim": keepdim}
+
+    return rewrite
 
 
 @register(F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax", nn.Softmax,
@@ -638,6 +681,13 @@ def getitem(ctx: Ctx) -> Dims:
         ctx.freeze(xd[0], "indexing into a channel dimension")
         return ctx.fresh(ctx.shape(idx)) + list(xd[1:])
     items = list(idx) if isinstance(idx, tuple) else [idx]
+    tensors = [k for k, i in enumerate(items) if isinstance(i, fx.Node) and ctx.is_tensor(i)]
+    if len(tensors) == 1 and Ellipsis not in items and all(
+            i == slice(None) for k, i in enumerate(items) if k != tensors[0]):
+        # bias[:, index] (levit, efficientformer): a lookup along one dim; the dims before and after pass
+        k = tensors[0]
+        ctx.freeze(xd[k], "indexing into a channel dimension")
+        return list(xd[:k]) + ctx.fresh(ctx.shape(items[k])) + list(xd[k + 1 :])
     if any(isinstance(i, (fx.Node, list, torch.Tensor)) for i in items):
         return ctx.unsupported("advanced indexing")
     if Ellipsis in items:

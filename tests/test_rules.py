@@ -651,3 +651,47 @@ class EcaGate(nn.Module):
 def test_expand_as_relates_the_channels(ratio):
     res = check(EcaGate(), (2, 3, 5, 5), ratio)
     assert tshape(res, "g.weight") == (8 * ratio, 8 * ratio, 1, 1)
+
+
+class ChannelReductions(nn.Module):
+    """convnextv2's GRN (a mean over channels, channels last), a channel sum and a channel max."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.a(x).permute(0, 2, 3, 1)
+        g = torch.norm(y, p=2, dim=(1, 2), keepdim=True)
+        y = y * (g / (g.mean(dim=-1, keepdim=True) + 1e-6))
+        y = y.permute(0, 3, 1, 2)
+        s = y.sum(1, keepdim=True) + torch.amax(y, dim=1, keepdim=True) + y.mean((1, 2, 3), keepdim=True)
+        return self.b(y * torch.sigmoid(s))
+
+
+@pytest.mark.parametrize("ratio", [2, 3, 1.5, 2.5])
+def test_reductions_over_channels_weigh_the_copies(ratio):
+    res = check(ChannelReductions(), (2, 3, 5, 5), ratio)
+    assert tshape(res, "a.weight") == (w(8, ratio), 3, 3, 3)
+
+
+class BiasTable(nn.Module):
+    """levit's attention bias: a (heads, positions) table looked up with bias[:, index] per head."""
+
+    def __init__(self, heads=2, n=4):
+        super().__init__()
+        self.heads, self.qkv, self.proj = heads, nn.Linear(8, 24), nn.Linear(8, 3)
+        self.bias = nn.Parameter(torch.randn(heads, 7))
+        self.register_buffer("index", torch.randint(0, 7, (n, n)), persistent=False)
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, 4).permute(2, 0, 3, 1, 4).unbind(0)
+        a = (q @ k.transpose(-2, -1) + self.bias[:, self.index]).softmax(-1)
+        return self.proj((a @ v).transpose(1, 2).reshape(B, N, 8))
+
+
+@pytest.mark.parametrize("ratio", [2, 3])
+def test_bias_table_lookup_keeps_its_heads_widening(ratio):
+    res = check(BiasTable(), (2, 4, 8), ratio)
+    assert tshape(res, "bias") == (2 * ratio, 7)
