@@ -215,6 +215,50 @@ def conv(ctx: Ctx) -> Dims:
     return list(xd[:c]) + [W[0]] + spatial(ctx, ctx.shape(ctx.node)[c + 1 :])
 
 
+@register(F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d)
+def conv_function(ctx: Ctx) -> Dims:
+    """``F.conv2d(x, weight, bias, stride, padding, dilation, groups)`` with a weight read through get_attr
+    (tresnet's fixed anti-aliasing filter, groups = channels): as the module; the groups are rewritten."""
+    x = _first(ctx)
+    xd = ctx.dims(x)
+    W = _attr_param(ctx, ctx.arg(1, "weight"), ["copy", "share"])
+    if W is None:
+        return ctx.unsupported("a convolution function with a computed weight")
+    groups_arg = ctx.arg(6, "groups", 1)
+    n_groups = ctx.spec(groups_arg)
+    if not isinstance(n_groups, int):
+        return ctx.unsupported("a convolution function with unknown groups")
+    c = len(ctx.shape(x)) - (len(ctx.shape(ctx.arg(1, "weight"))) - 2) - 1
+    weight_shape = ctx.shape(ctx.arg(1, "weight"))
+    if n_groups == 1:
+        groups: Layout | None = None
+        ctx.spaces.mark_expandable(W[0])
+        ctx.unify(xd[c], W[1])
+    else:
+        groups = ctx.expandable(n_groups)
+        ctx.freeze(W[1], f"{BY_DESIGN}: channels within a group")
+        ctx.unify(xd[c], Prod((groups, W[1])))
+        within = ctx.spaces.new(weight_shape[0] // n_groups, frozen=f"{BY_DESIGN}: channels within a group")
+        ctx.unify(W[0], Prod((groups, within)))
+    bias = ctx.arg(2, "bias")
+    if isinstance(bias, fx.Node):
+        B = _attr_param(ctx, bias, ["copy"])
+        if B is None:
+            return ctx.unsupported("a convolution function with a computed bias")
+        ctx.unify(B[0], W[0])
+
+    def rewrite(n: fx.Node, size: Any) -> None:
+        if groups is None:
+            return
+        if len(n.args) > 6:
+            n.args = (*n.args[:6], size(groups), *n.args[7:])
+        else:
+            n.kwargs = {**n.kwargs, "groups": size(groups)}
+
+    ctx.on_build_node(rewrite)
+    return list(xd[:c]) + [W[0]] + spatial(ctx, ctx.shape(ctx.node)[c + 1 :])
+
+
 @register(nn.Linear)
 def linear(ctx: Ctx) -> Dims:
     name = str(ctx.node.target)
@@ -602,6 +646,21 @@ def expand_as(ctx: Ctx) -> Dims:
     return list(xd)
 
 
+@register(torch.repeat_interleave, "repeat_interleave")
+def repeat_interleave(ctx: Ctx) -> Dims:
+    """``x.repeat_interleave(r, dim)`` (gcvit's global query, repeated per window): the other dims pass."""
+    x = _first(ctx)
+    dim = ctx.arg(2, "dim")
+    if not isinstance(dim, int) or isinstance(ctx.arg(1, "repeats"), fx.Node) and ctx.is_tensor(ctx.arg(1, "repeats")):
+        return ctx.unsupported("repeat_interleave over the flattened tensor or by a tensor")
+    xd = ctx.dims(x)
+    d = _dim(dim, len(xd))
+    ctx.freeze(xd[d], "repeating a channel dimension")
+    out = list(xd)
+    out[d] = ctx.spaces.new(ctx.shape(ctx.node)[d], frozen="repeating a channel dimension")
+    return out
+
+
 @register(torch.permute, "permute", torch.transpose, "transpose", torch.swapaxes, "swapaxes", "t", torch.t)
 def permute(ctx: Ctx) -> Dims:
     xd = list(ctx.dims(_first(ctx)))
@@ -762,6 +821,16 @@ def roll(ctx: Ctx) -> Dims:
         return ctx.unsupported("roll over the flattened tensor")
     for d in [dims] if isinstance(dims, int) else dims:
         ctx.freeze(xd[_dim(d, len(xd))], "rolling a channel dimension")
+    return list(xd)
+
+
+@register(torch.flip, "flip")
+def flip(ctx: Ctx) -> Dims:
+    xd = ctx.dims(_first(ctx))
+    dims = ctx.arg(1, "dims")
+    dims = ctx.node.args[1:] if isinstance(dims, int) and ctx.node.op == "call_method" else dims
+    for d in [dims] if isinstance(dims, int) else dims:
+        ctx.freeze(xd[_dim(d, len(xd))], "flipping a channel dimension")
     return list(xd)
 
 
@@ -1077,6 +1146,9 @@ try:  # timm fuses norm and activation into leaf modules; the activation acts pe
 
     register(_timm_norm_act.BatchNormAct2d)(batch_norm)
     register(_timm_norm_act.GroupNormAct)(group_norm)
+    from timm.layers.conv2d_same import Conv2dSame as _Conv2dSame
+
+    register(_Conv2dSame)(conv)  # an nn.Conv2d whose padding is computed from the input's size: spatial only
 except Exception:  # timm is optional
     pass
 

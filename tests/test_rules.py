@@ -695,3 +695,43 @@ class BiasTable(nn.Module):
 def test_bias_table_lookup_keeps_its_heads_widening(ratio):
     res = check(BiasTable(), (2, 4, 8), ratio)
     assert tshape(res, "bias") == (2 * ratio, 7)
+
+
+class RepeatPerWindow(nn.Module):
+    """gcvit: a per-image tensor repeated along the batch for each window, then used channel-wise."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.g, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        windows = torch.cat([x, x.flip(-1)], dim=0)
+        g = self.g(x).repeat_interleave(windows.shape[0] // x.shape[0], dim=0)
+        return self.b(self.a(windows) * g)
+
+
+def test_repeat_interleave_along_the_batch_keeps_channels_widening():
+    res = check(RepeatPerWindow(), (2, 3, 5, 5))
+    assert tshape(res, "g.weight") == (16, 3, 1, 1)
+
+
+class BlurPool(nn.Module):
+    """tresnet's anti-aliasing: a fixed depthwise filter buffer applied with F.conv2d(groups=x.shape[1])."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+        self.register_buffer("filt", torch.rand(8, 1, 3, 3))
+        self.dense = nn.Parameter(torch.randn(8, 8, 1, 1) / 3)
+
+    def forward(self, x):
+        y = F.relu(self.a(x))
+        y = F.conv2d(F.pad(y, (1, 1, 1, 1), mode="reflect"), self.filt, stride=2, padding=0, groups=y.shape[1])
+        return self.b(F.conv2d(y, self.dense))
+
+
+@pytest.mark.parametrize("ratio", [2, 3])
+def test_convolution_functions_with_attribute_weights(ratio):
+    res = check(BlurPool(), (2, 3, 6, 6), ratio)
+    assert tshape(res, "filt") == (8 * ratio, 1, 3, 3)
+    assert tshape(res, "dense") == (8 * ratio, 8 * ratio, 1, 1)

@@ -161,6 +161,7 @@ TIMM = {
                               (1, 3, 32, 32)),  # qkv bias cat(q_bias, zero buffer, v_bias)
     "resmlp_12_224": ({"img_size": 32}, (1, 3, 32, 32)),  # torch.addcmul
     "poolformerv2_s12": ({}, (1, 3, 32, 32)),  # x.pow(2) in its norms
+    "tf_efficientnet_lite0": ({}, (1, 3, 32, 32)),  # timm's Conv2dSame leaf
 }
 
 
