@@ -415,7 +415,7 @@ def reduce(ctx: Ctx) -> Dims:
         ctx.on_build_node(_weighted_reduction(xd, reduced, keepdim, kind))
     else:
         for d in reduced:
-            ctx.freeze(xd[d], f"reduction over a channel dimension ({ctx.node.target})")
+            ctx.freeze(xd[d], f"reduction over a channel dimension ({kind})")
     out = [ctx.spaces.new(1) if d in reduced else lay for d, lay in enumerate(xd) if keepdim or d not in reduced]
     spec = ctx.spec(ctx.node)
     return (out, list(out)) if isinstance(spec, tuple) else out
@@ -470,7 +470,9 @@ def along_dim(ctx: Ctx) -> Dims:
         d = ctx.arg(1, "dim")
     if d is None:
         return ctx.unsupported(f"{ctx.node.target} without dim")
-    ctx.freeze(xd[_dim(d, len(xd))], f"normalization along a channel dimension ({ctx.node.target})")
+    module = ctx.node.op == "call_module"
+    what = type(ctx.module(ctx.node)).__name__ if module else getattr(ctx.node.target, "__name__", ctx.node.target)
+    ctx.freeze(xd[_dim(d, len(xd))], f"normalization along a channel dimension ({what})")
     return list(xd)
 
 
