@@ -90,7 +90,7 @@ def introspection(ctx: Ctx) -> Dims:
     return None
 
 
-_SIZE_CONSUMERS = {"view", "reshape", "expand", torch.reshape}
+_SIZE_CONSUMERS = {"view", "reshape", "expand", "unflatten", torch.reshape, torch.unflatten}
 
 
 def plain_value(ctx: Ctx) -> None:
@@ -615,7 +615,39 @@ def reshape(ctx: Ctx) -> Dims:
         ctx.on_build_node(rewrite)
     elif str(ctx.node.target) in ("view_as", "reshape_as"):
         ctx.unify(Prod(tuple(out)), Prod(tuple(ctx.dims(ctx.tensor_args()[1]))))
+    elif ctx.node.target in ("unflatten", torch.unflatten):
+        _unflatten_sizes(ctx, out, b, len(a))
+    elif ctx.node.op == "call_module" and isinstance(ctx.module(ctx.node), nn.Unflatten):
+        m: nn.Unflatten = ctx.module(ctx.node)  # type: ignore[assignment]
+        d0 = _dim(m.dim, len(a)) if isinstance(m.dim, int) else 0
+        part = out[d0 : d0 + len(m.unflattened_size)]
+
+        def build(t: nn.Module, size: Any) -> None:
+            t.unflattened_size = tuple(size(lay) for lay in part)  # type: ignore[assignment]
+
+        ctx.on_build_module(build)
     return out
+
+
+def _unflatten_sizes(ctx: Ctx, out: list[Layout], b: tuple[int, ...], ndim: int) -> None:
+    """``x.unflatten(dim, (3, heads, C // heads))``: its sizes, as a reshape's (see ``_new_sizes``)."""
+    sizes = ctx.arg(2, "sizes")
+    dim = ctx.arg(1, "dim")
+    if not isinstance(dim, int) or not isinstance(sizes, (tuple, list)):
+        return
+    d0 = _dim(dim, ndim)
+    part = slice(d0, d0 + len(sizes))
+    new_sizes = _new_sizes(ctx, list(sizes), out[part], b[part])
+
+    def rewrite(n: fx.Node, size: Any) -> None:
+        positional = len(n.args) > 2
+        new = tuple(new_sizes(list(n.args[2] if positional else n.kwargs["sizes"]), size))
+        if positional:
+            n.args = (*n.args[:2], new, *n.args[3:])
+        else:
+            n.kwargs = {**n.kwargs, "sizes": new}
+
+    ctx.on_build_node(rewrite)
 
 
 @register("expand")

@@ -735,3 +735,26 @@ def test_convolution_functions_with_attribute_weights(ratio):
     res = check(BlurPool(), (2, 3, 6, 6), ratio)
     assert tshape(res, "filt") == (8 * ratio, 1, 3, 3)
     assert tshape(res, "dense") == (8 * ratio, 8 * ratio, 1, 1)
+
+
+class Unflattens(nn.Module):
+    """Heads split by ``unflatten`` with a computed head size, and by an ``nn.Unflatten`` module."""
+
+    def __init__(self, heads=2):
+        super().__init__()
+        self.heads, self.inp, self.qkv, self.out = heads, nn.Linear(4, 8), nn.Linear(8, 24), nn.Linear(8, 3)
+        self.split = nn.Unflatten(-1, (heads, 4))
+
+    def forward(self, x):
+        x = self.inp(x)
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, C // self.heads)).permute(2, 0, 3, 1, 4).unbind(0)
+        a = (q @ k.transpose(-2, -1)).softmax(-1)
+        y = (a @ v).transpose(1, 2).flatten(2) + x
+        return self.out(torch.relu(self.split(y)).flatten(2))
+
+
+@pytest.mark.parametrize("ratio", [2, 3])
+def test_unflatten_sizes_follow_the_teacher(ratio):
+    res = check(Unflattens(), (2, 5, 4), ratio)
+    assert tshape(res, "qkv.weight") == (24 * ratio, 8 * ratio)
