@@ -138,6 +138,7 @@ UNARY_MODULES = (
     nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid,
 )
 UNARY_FUNCTIONS = (
+    torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like,  # constants shaped like x: the teacher's x
     F.relu, F.relu_, F.relu6, F.leaky_relu, F.silu, F.gelu, F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh,
     F.elu, F.selu, F.celu, F.mish, F.softplus, F.hardtanh, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
     F.alpha_dropout, torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.log, torch.sqrt, torch.rsqrt,
@@ -692,6 +693,29 @@ def repeat_interleave(ctx: Ctx) -> Dims:
     ctx.freeze(xd[d], "repeating a channel dimension")
     out = list(xd)
     out[d] = ctx.spaces.new(ctx.shape(ctx.node)[d], frozen="repeating a channel dimension")
+    return out
+
+
+@register("repeat", torch.tile, "tile")
+def repeat(ctx: Ctx) -> Dims:
+    """``x.repeat(1, r, 1)``: a repeated dim is ``r`` blocks of the channel space (row-major ``Prod(r, C)``),
+    so its copies stay copies; the repetition counts are the same in the teacher."""
+    x = _first(ctx)
+    xd = ctx.dims(x)
+    reps = list(ctx.node.args[1:])
+    if len(reps) == 1 and isinstance(reps[0], (tuple, list)):
+        reps = list(reps[0])
+    if not all(isinstance(r, int) for r in reps) or len(reps) < len(xd):
+        return ctx.unsupported("repeat with computed or fewer counts than dims")
+    lead = len(reps) - len(xd)
+    out = ctx.fresh(ctx.shape(ctx.node)[:lead], frozen=f"{BY_DESIGN}: repetitions")
+    for lay, r in zip(xd, reps[lead:]):
+        if r == 1:
+            out.append(lay)
+        else:
+            whole = ctx.spaces.new(r * ctx.spaces.size_of(lay))
+            ctx.unify(whole, Prod((ctx.spaces.new(r, frozen=f"{BY_DESIGN}: repetitions"), lay)))
+            out.append(whole)
     return out
 
 

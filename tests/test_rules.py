@@ -758,3 +758,21 @@ class Unflattens(nn.Module):
 def test_unflatten_sizes_follow_the_teacher(ratio):
     res = check(Unflattens(), (2, 5, 4), ratio)
     assert tshape(res, "qkv.weight") == (24 * ratio, 8 * ratio)
+
+
+class RepeatChannels(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(8, 5, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        z = y.repeat(1, 2, 1, 1) + torch.ones_like(y).repeat(1, 2, 1, 1) + torch.zeros_like(y.repeat(1, 2, 1, 1))
+        return self.b(z) + torch.full_like(self.b(z), 0.5)
+
+
+@pytest.mark.parametrize("ratio", [2, 3])
+def test_repeated_channels_are_blocks_of_copies(ratio):
+    res = check(RepeatChannels(), (2, 3, 5, 5), ratio)
+    assert tshape(res, "a.weight") == (4 * ratio, 3, 1, 1)
+    assert tshape(res, "b.weight") == (5, 8 * ratio, 1, 1)
