@@ -434,9 +434,8 @@ def _weighted_reduction(xd: list[Layout], reduced: list[int], keepdim: bool, kin
             if src is None:
                 factors.append(None if kind == "sum" else torch.full((student,), 1.0 / student, dtype=torch.float64))
                 continue
-            counts = torch.bincount(src, minlength=student).to(torch.float64)
-            w = 1.0 / counts[src]
-            factors.append(w / student if kind == "mean" else w)
+            w = copy_weights(src, student)  # 1 / (copies x student width): a mean's weights
+            factors.append(w if kind == "mean" else w * student)
             plain = plain and kind == "mean" and is_uniform(src, student)
         if plain or all(f is None for f in factors):
             return
