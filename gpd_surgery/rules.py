@@ -793,14 +793,11 @@ def getitem(ctx: Ctx) -> Dims:
     if not ctx.is_tensor(src):
         return ctx.unsupported("getitem")
     xd = ctx.dims(src)
-    if isinstance(idx, fx.Node) and ctx.is_tensor(idx):  # table[index]: a lookup along the first dim
-        ctx.freeze(xd[0], "indexing into a channel dimension")
-        return ctx.fresh(ctx.shape(idx)) + list(xd[1:])
     items = list(idx) if isinstance(idx, tuple) else [idx]
     tensors = [k for k, i in enumerate(items) if isinstance(i, fx.Node) and ctx.is_tensor(i)]
     if len(tensors) == 1 and Ellipsis not in items and all(
             i == slice(None) for k, i in enumerate(items) if k != tensors[0]):
-        # bias[:, index] (levit, efficientformer): a lookup along one dim; the dims before and after pass
+        # table[index], bias[:, index] (levit, efficientformer): a lookup along one dim; the others pass
         k = tensors[0]
         ctx.freeze(xd[k], "indexing into a channel dimension")
         return list(xd[:k]) + ctx.fresh(ctx.shape(items[k])) + list(xd[k + 1 :])
