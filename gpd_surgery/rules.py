@@ -186,6 +186,21 @@ def broadcast(ctx: Ctx) -> Dims:
 
 
 # -- parameterized layers ---------------------------------------------------------------
+def _conv_channels(ctx: Ctx, channel: Layout, W: list[Layout], n_groups: int, out_channels: int) -> Layout | None:
+    """Relate a convolution's input channels to its weight: a dense conv shares its input copies and widens
+    its outputs; a grouped conv widens the number of groups (returned), channels within a group kept."""
+    if n_groups == 1:
+        ctx.spaces.mark_expandable(W[0])
+        ctx.unify(channel, W[1])
+        return None
+    groups = ctx.expandable(n_groups)
+    ctx.freeze(W[1], f"{BY_DESIGN}: channels within a group")
+    ctx.unify(channel, Prod((groups, W[1])))
+    within = ctx.spaces.new(out_channels // n_groups, frozen=f"{BY_DESIGN}: channels within a group")
+    ctx.unify(W[0], Prod((groups, within)))
+    return groups
+
+
 @register(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def conv(ctx: Ctx) -> Dims:
     """Dense convs share their input copies; grouped convs expand the number of groups."""
@@ -195,16 +210,7 @@ def conv(ctx: Ctx) -> Dims:
     xd = ctx.dims(x)
     c = len(ctx.shape(x)) - len(m.kernel_size) - 1  # channel dim (0 when unbatched)
     W = ctx.param(f"{name}.weight", ["copy", "share"])
-    if m.groups == 1:
-        groups: Layout | None = None
-        ctx.spaces.mark_expandable(W[0])
-        ctx.unify(xd[c], W[1])
-    else:
-        groups = ctx.expandable(m.groups)
-        ctx.freeze(W[1], f"{BY_DESIGN}: channels within a group")
-        ctx.unify(xd[c], Prod((groups, W[1])))
-        within = ctx.spaces.new(m.out_channels // m.groups, frozen=f"{BY_DESIGN}: channels within a group")
-        ctx.unify(W[0], Prod((groups, within)))
+    groups = _conv_channels(ctx, xd[c], W, m.groups, m.out_channels)
     if m.bias is not None:
         ctx.unify(ctx.param(f"{name}.bias", ["copy"])[0], W[0])
 
@@ -229,18 +235,9 @@ def conv_function(ctx: Ctx) -> Dims:
     n_groups = ctx.spec(groups_arg)
     if not isinstance(n_groups, int):
         return ctx.unsupported("a convolution function with unknown groups")
-    c = len(ctx.shape(x)) - (len(ctx.shape(ctx.arg(1, "weight"))) - 2) - 1
     weight_shape = ctx.shape(ctx.arg(1, "weight"))
-    if n_groups == 1:
-        groups: Layout | None = None
-        ctx.spaces.mark_expandable(W[0])
-        ctx.unify(xd[c], W[1])
-    else:
-        groups = ctx.expandable(n_groups)
-        ctx.freeze(W[1], f"{BY_DESIGN}: channels within a group")
-        ctx.unify(xd[c], Prod((groups, W[1])))
-        within = ctx.spaces.new(weight_shape[0] // n_groups, frozen=f"{BY_DESIGN}: channels within a group")
-        ctx.unify(W[0], Prod((groups, within)))
+    c = len(ctx.shape(x)) - (len(weight_shape) - 2) - 1
+    groups = _conv_channels(ctx, xd[c], W, n_groups, weight_shape[0])
     bias = ctx.arg(2, "bias")
     if isinstance(bias, fx.Node):
         B = _attr_param(ctx, bias, ["copy"])
