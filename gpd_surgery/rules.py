@@ -296,14 +296,20 @@ def batch_norm(ctx: Ctx) -> Dims:
     return list(xd)
 
 
+def _norm_groups(ctx: Ctx, channel: Layout, num_groups: int, num_channels: int) -> Layout:
+    """The channels as ``groups x channels-per-group``; the number of groups widens (returned)."""
+    groups = ctx.expandable(num_groups)
+    within = ctx.spaces.new(num_channels // num_groups, frozen=f"{BY_DESIGN}: channels within a group")
+    ctx.unify(channel, Prod((groups, within)))
+    return groups
+
+
 @register(nn.GroupNorm)
 def group_norm(ctx: Ctx) -> Dims:
     """Statistics run within a group: expanding the number of groups is exact at any ratio."""
     m: nn.GroupNorm = ctx.module(ctx.node)  # type: ignore[assignment]
     xd = ctx.dims(_first(ctx))
-    groups = ctx.expandable(m.num_groups)
-    within = ctx.spaces.new(m.num_channels // m.num_groups, frozen=f"{BY_DESIGN}: channels within a group")
-    ctx.unify(xd[1], Prod((groups, within)))
+    groups = _norm_groups(ctx, xd[1], m.num_groups, m.num_channels)
     _per_channel(ctx, xd[1], ("weight", "bias"))
 
     def build(t: nn.Module, size: Any) -> None:
@@ -328,9 +334,7 @@ def group_norm_function(ctx: Ctx) -> Dims:
             if P is None:
                 return ctx.unsupported(f"F.group_norm with a computed {name}")
             params.append(P[0])
-    groups = ctx.expandable(num_groups)
-    within = ctx.spaces.new(ctx.shape(_first(ctx))[1] // num_groups, frozen=f"{BY_DESIGN}: channels within a group")
-    ctx.unify(xd[1], Prod((groups, within)))
+    groups = _norm_groups(ctx, xd[1], num_groups, ctx.shape(_first(ctx))[1])
     for P in params:
         ctx.unify(P, xd[1])
 
