@@ -14,13 +14,10 @@ from torch import nn
 
 from gpd_surgery import collapse, expand
 
+from conftest import random_init
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- blocks ------------------------------------------------------------------------------------------
@@ -212,27 +209,12 @@ def nets(draw):
     return blocks, head, shape
 
 
-def _randomize(model: nn.Module, seed: int) -> nn.Module:
-    """Random weights, biases and BatchNorm statistics (positive variances)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in [*model.named_parameters(), *model.named_buffers()]:
-            if t.is_floating_point():
-                r = torch.randn(t.shape, generator=g, dtype=torch.float64)
-                if name.endswith("running_var"):
-                    r = r.abs() + 0.5
-                elif t.dim() >= 2:
-                    r = r / math.sqrt(t[0].numel())
-                t.copy_(r)
-    return model.eval()
-
-
 # -- the property ------------------------------------------------------------------------------------
 @settings(max_examples=int(os.environ.get("GPD_PROPERTY_EXAMPLES", 40)), deadline=None)
 @given(net=nets(), ratio=st.sampled_from([2, 3, 1.5]), seed=st.integers(0, 2**16), equal=st.booleans())
 def test_teacher_is_exact_and_collapses_back(net, ratio, seed, equal):
     blocks, head, shape = net
-    model = _randomize(build(blocks, head), seed)
+    model = random_init(build(blocks, head), seed)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     equal = equal and ratio == 2  # equal shares are exact in float32 only for power-of-two copy counts
     res = expand(model, shape, ratio=ratio, seed=seed, equal_shares=equal)

@@ -3,7 +3,6 @@ rotary halves, class tokens, bias tables, gated MLPs) widen exactly, collapse ba
 from __future__ import annotations
 
 import copy
-import math
 import os
 
 import pytest
@@ -14,13 +13,10 @@ from torch import nn
 
 from gpd_surgery import collapse, expand
 
+from conftest import random_init
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Attention(nn.Module):
@@ -101,21 +97,11 @@ def nets(draw):
     return heads * head_dim, heads, blocks, draw(st.booleans()), tokens
 
 
-def _randomize(model: nn.Module, seed: int) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for t in [*model.parameters(), *model.buffers()]:
-            if t.is_floating_point():
-                r = torch.randn(t.shape, generator=g, dtype=torch.float64)
-                t.copy_(r / math.sqrt(t[0].numel()) if t.dim() >= 2 else r)
-    return model.eval()
-
-
 @settings(max_examples=int(os.environ.get("GPD_PROPERTY_EXAMPLES", 30)), deadline=None)
 @given(net=nets(), ratio=st.sampled_from([2, 3, 1.5]), seed=st.integers(0, 2**16), batch=st.integers(1, 3))
 def test_attention_blocks_widen_exactly(net, ratio, seed, batch):
     dim, heads, blocks, cls, tokens = net
-    model = _randomize(Net(dim, heads, blocks, cls, tokens), seed)
+    model = random_init(Net(dim, heads, blocks, cls, tokens), seed)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     shape = (batch, tokens, 4)
     res = expand(model, shape, ratio=ratio, seed=seed)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import gc
 import math
 
 import pytest
@@ -13,17 +12,12 @@ from torch import nn
 from gpd_surgery import collapse, expand
 from gpd_surgery.verify import verify
 
+from conftest import random_init
+
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: thread hand-offs cost far more than the arithmetic on a shared 2-core runner.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-    gc.collect()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)
@@ -44,22 +38,6 @@ class Fn(nn.Module):
         return self.fn(x)
 
 
-def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random weights, biases and BatchNorm statistics (positive variances): zeros must never hide a bug."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in [*model.named_parameters(), *model.named_buffers()]:
-            if not t.is_floating_point():
-                continue
-            r = torch.randn(t.shape, generator=g, dtype=torch.float64)
-            if name.endswith("running_var"):
-                r = r.abs() + 0.5
-            elif t.dim() >= 2:
-                r = r / math.sqrt(t[0].numel())
-            t.copy_(r)
-    return model.eval()
-
-
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
@@ -67,7 +45,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def check(model: nn.Module, shape: tuple[int, ...], ratio: float = 2, seed: int = 0, *, wider: bool = True,
           unsupported: bool = False, frozen_ok: bool = False, equal_shares: bool = False):
     """Expand ``model`` and check exactness (float64), collapse round trip and that it actually widened."""
-    model = _randomize(model, seed)
+    model = random_init(model, seed)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     res = expand(model, shape, ratio=ratio, seed=seed, equal_shares=equal_shares)
     teacher = res.teacher().double().eval()
@@ -594,7 +572,7 @@ def test_unsupported_op_is_frozen_and_exact(ratio):
 # -- verify localizes a broken teacher --------------------------------------------------------------
 @pytest.mark.parametrize("rows", ["canonical", "copy"])
 def test_verify_localizes_perturbed_weight(rows):
-    m = _randomize(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+    m = random_init(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                                  nn.Conv2d(8, 12, 3, padding=1), nn.ReLU(), nn.Conv2d(12, 4, 1)))
     shape = (2, 3, 5, 5)
     res = expand(m, shape, ratio=2)

@@ -33,13 +33,7 @@ SHAPE = (1, 3, 16, 16)
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on busy cores: one thread is many times faster than two fighting over the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gpd(*args, env=None):
