@@ -177,6 +177,10 @@ def bench_pair(case: str, floor: str, fx: dict[str, Any], reps: int, load: Load,
     return tool_runs, floor_runs
 
 
+def phase_stats(runs: list[dict[str, Any]], phases: tuple[str, ...] | list[str]) -> dict[str, Stat]:
+    return {ph: stat(runs, "phases", ph) for ph in phases}
+
+
 def stat(runs: list[dict[str, Any]], key: str, phase: str | None = None) -> Stat:
     if phase is None:
         return Stat([r[key] for r in runs])
@@ -222,8 +226,8 @@ def main() -> int:
             rows.append(Row("expand", f"{name} peak RSS", stat(tool, "peak_mib"), stat(floor, "peak_mib"), ".0f",
                             " MiB", "load + repeat + save_file", TARGETS["expand_peak"]))
             details[f"expand {name}"] = {
-                "tool": {ph: stat(tool, "phases", ph) for ph in ("model", "load", "plan", "build", "save")},
-                "floor": {ph: stat(floor, "phases", ph) for ph in ("load", "build", "save")},
+                "tool": phase_stats(tool, ("model", "load", "plan", "build", "save")),
+                "floor": phase_stats(floor, ("load", "build", "save")),
             }
             if args.durable_reps:
                 print(f"  expand {name} --durable x{args.durable_reps} (and its floor)", flush=True)
@@ -231,8 +235,8 @@ def main() -> int:
                 rows.append(Row("expand", f"{name} time, --durable (info)", stat(tool, "seconds"),
                                 stat(floor, "seconds"), ".2f", " s", "load + repeat + save_file, no fsync"))
                 details[f"expand {name} --durable"] = {
-                    "tool": {ph: stat(tool, "phases", ph) for ph in ("load", "plan", "build", "save", "fsync")},
-                    "floor": {ph: stat(floor, "phases", ph) for ph in ("load", "build", "save")},
+                    "tool": phase_stats(tool, ("load", "plan", "build", "save", "fsync")),
+                    "floor": phase_stats(floor, ("load", "build", "save")),
                 }
 
     if "extract" in only:
@@ -244,8 +248,8 @@ def main() -> int:
             rows.append(Row("extract", f"{name} peak RSS", stat(tool, "peak_mib"), stat(floor, "peak_mib"), ".0f",
                             " MiB", "load_file + slice + save_file"))
             details[f"extract {name}"] = {
-                "tool": {ph: stat(tool, "phases", ph) for ph in ("load", "collapse", "save")},
-                "floor": {ph: stat(floor, "phases", ph) for ph in ("load", "collapse", "save")},
+                "tool": phase_stats(tool, ("load", "collapse", "save")),
+                "floor": phase_stats(floor, ("load", "collapse", "save")),
             }
 
     if "verify" in only:
@@ -253,7 +257,7 @@ def main() -> int:
             print(f"  verify {name} x{args.verify_reps} ({args.verify_inputs} input)", flush=True)
             runs = [work("verify", {**fixture, "inputs": args.verify_inputs}, load) for _ in range(args.verify_reps)]
             phases = ["load", "trace", "propagate", "analyse", "plan", "teacher", "forward_ir", "extraction", "other"]
-            split = {ph: stat(runs, "phases", ph) for ph in phases}
+            split = phase_stats(runs, phases)
             groups = {
                 "tracing (trace, shape propagation, analysis, plan check)":
                     Stat([sum(r["phases"].get(ph, 0.0) for ph in ("trace", "propagate", "analyse", "plan"))
