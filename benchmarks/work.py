@@ -145,21 +145,28 @@ def _floor_tensor(t: torch.Tensor, shape: list[int]) -> torch.Tensor:
     return out
 
 
-def expand_floor(a: dict[str, Any]) -> dict[str, Any]:
-    """Load the student's weights, make the teacher's tensors (same names, shapes, bytes) with ``repeat``, save."""
+def _floor(a: dict[str, Any], shapes_of: str, source: str, phase: str,
+           make: Callable[[dict[str, torch.Tensor], dict[str, list[int]]], dict[str, torch.Tensor]]) -> dict[str, Any]:
+    """A floor: ``load_file`` of ``a[source]``, ``make`` the output tensors (shapes of ``shapes_of``), ``save_file``."""
     _unlink(a["out"])
     with open(a["shapes"]) as f:
-        shapes = json.load(f)["teacher"]
+        shapes = json.load(f)[shapes_of]
     peak, clock = Peak(), Clock()
     t0 = time.perf_counter()
     with clock("load"):
-        state = load_file(a["student"])
-    with clock("build"):
-        out = {k: _floor_tensor(state[k.removeprefix(STUDENT_PREFIX)], s) for k, s in shapes.items()}
+        tensors = load_file(a[source])
+    with clock(phase):
+        out = make(tensors, shapes)
     with clock("save"):
         save_file(out, a["out"])
     total = time.perf_counter() - t0
     return {"seconds": total, "phases": clock.phases, "peak_mib": peak.mib(), "peak_reset": peak.reset}
+
+
+def expand_floor(a: dict[str, Any]) -> dict[str, Any]:
+    """Load the student's weights, make the teacher's tensors (same names, shapes, bytes) with ``repeat``, save."""
+    return _floor(a, "teacher", "student", "build", lambda state, shapes: {
+        k: _floor_tensor(state[k.removeprefix(STUDENT_PREFIX)], s) for k, s in shapes.items()})
 
 
 def extract(a: dict[str, Any]) -> dict[str, Any]:
@@ -179,22 +186,9 @@ def extract(a: dict[str, Any]) -> dict[str, Any]:
 
 def extract_floor(a: dict[str, Any]) -> dict[str, Any]:
     """Load the teacher file, cut a student-sized tensor out of each, save them."""
-    _unlink(a["out"])
-    with open(a["shapes"]) as f:
-        shapes = json.load(f)["student"]
-    peak, clock = Peak(), Clock()
-    t0 = time.perf_counter()
-    with clock("load"):
-        teacher = load_file(a["teacher"])
-    with clock("collapse"):
-        out = {}
-        for k, s in shapes.items():
-            t = teacher.get(STUDENT_PREFIX + k, teacher[k])
-            out[k] = t[tuple(slice(0, n) for n in s)].contiguous()
-    with clock("save"):
-        save_file(out, a["out"])
-    total = time.perf_counter() - t0
-    return {"seconds": total, "phases": clock.phases, "peak_mib": peak.mib(), "peak_reset": peak.reset}
+    return _floor(a, "student", "teacher", "collapse", lambda teacher, shapes: {
+        k: teacher.get(STUDENT_PREFIX + k, teacher[k])[tuple(slice(0, n) for n in s)].contiguous()
+        for k, s in shapes.items()})
 
 
 def verify(a: dict[str, Any]) -> dict[str, Any]:
