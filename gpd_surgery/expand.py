@@ -13,7 +13,7 @@ from torch import nn
 from . import branches
 from .analyse import Analysis, analyse, frozen_report
 from .errors import GPDError
-from .maps import Maps, leaf_src
+from .maps import Maps, leaf_src, whole_tiles
 from .plan import DTYPE_NAMES, STUDENT_PREFIX, Plan, Recipe
 from .rules import conv, linear, lookup
 from .trace import propagate, trace
@@ -159,9 +159,7 @@ def split_among_copies(t: torch.Tensor, d: int, src: torch.Tensor, g: torch.Gene
     if out is None:
         out = t.new_empty(t.shape[:d] + (len(src),) + t.shape[d + 1 :])
     every = torch.arange(size, device=src.device)
-    tiles = len(src) // size if size else 0  # whole tiles of the student's channels in order, or 0
-    if tiles < 2 or len(src) != tiles * size or not torch.equal(src.view(tiles, size), every.expand(tiles, size)):
-        tiles = 0
+    tiles = whole_tiles(src, size)
     if g is None:
         if tiles:
             first = torch.div(t, count.to(t.dtype).view(view), out=out.narrow(d, 0, size))

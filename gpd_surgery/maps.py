@@ -119,10 +119,8 @@ class Maps:
         """``n`` when the map is ``n >= 2`` whole tiles of the student's channels in order, else 0."""
         key = ("tiles", self._resolve(lay))
         if key not in self._derived:
-            src, size = self.src(lay), self.size(lay)
-            n = 0 if src is None or size == 0 else len(src) // size
-            tiled = n >= 2 and len(src) == n * size and torch.equal(src.view(n, size), torch.arange(size).expand(n, size))
-            self._derived[key] = n if tiled else 0
+            src = self.src(lay)
+            self._derived[key] = 0 if src is None else whole_tiles(src, self.size(lay))
         return self._derived[key]  # type: ignore[return-value]
 
     def canon_is_prefix(self, lay: Layout) -> bool:
@@ -141,6 +139,13 @@ class Maps:
         if moved not in self._derived:
             self._derived[moved] = t.to(device)  # type: ignore[union-attr]
         return self._derived[moved]  # type: ignore[return-value]
+
+
+def whole_tiles(src: torch.Tensor, size: int) -> int:
+    """``n`` when ``src`` is ``n >= 2`` whole tiles of the ``size`` student channels in order, else 0."""
+    n = len(src) // size if size else 0
+    every = torch.arange(size, device=src.device)
+    return n if n >= 2 and len(src) == n * size and torch.equal(src.view(n, size), every.expand(n, size)) else 0
 
 
 def canonical(src: torch.Tensor, size: int) -> torch.Tensor:
