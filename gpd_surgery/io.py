@@ -298,27 +298,77 @@ def load_teacher_file(path: str) -> tuple[Plan, dict[str, torch.Tensor]]:
     return plan, tensors
 
 
-def read_state(path: str) -> dict[str, torch.Tensor]:
-    """Weights from a .safetensors file or, weights-only (no code runs), from a torch.save file."""
+def read_state(path: str, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Weights from a .safetensors file or, weights-only (no code runs), from a torch.save file; with
+    ``trust_pickle`` a file that weights-only loading refuses (a whole pickled model) is unpickled."""
     check_input_file(path, "weights file")
     if path.endswith(".safetensors"):
         read_header(path)  # validates dtypes and the header before any data is read
-        return read_tensors(path)
+        state = read_tensors(path)
+    else:
+        state = _unpickle_state(path, trust_pickle)
+    for k, v in state.items():
+        # Loading would cast complex values to real and densify sparse ones: neither is what was saved.
+        if v.is_complex():
+            raise GPDError(f"weights {path}: tensor {k} is complex ({str(v.dtype)[6:]}): gpd works on real weights")
+        if v.layout != torch.strided:
+            raise GPDError(f"weights {path}: tensor {k} is sparse ({str(v.layout)[6:]}): save dense weights "
+                           "(tensor.to_dense())")
+    return state
+
+
+def _unpickle_state(path: str, trust_pickle: bool) -> dict[str, torch.Tensor]:
+    import re
+    import warnings
+
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # weights-only unpickling refuses code, and says so in its own words
-        raise GPDError(f"cannot load weights from {path} weights-only: {_line(e)}") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
+        with warnings.catch_warnings():  # e.g. torch's note on validating sparse tensors, refused below anyway
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        # torch's own message is a page long, with terminal escape codes: say in one line what the file is.
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save's zip, or a bare pickle
+            raise GPDError(f"weights file {path} is neither a safetensors file nor a torch.save file") from None
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if not trust_pickle:
+            what = (f"it pickles {found.group(1)} (a whole model saved with torch.save(model)?)" if found
+                    else "it holds more than tensors and plain containers")
+            raise GPDError(f"weights file {path} is not a plain state dict: {what}, which only unpickling can "
+                           "load, and that runs code from the file: pass --trust-pickle if you trust it, or save "
+                           "model.state_dict() instead") from None
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e2:  # unpickling can raise anything
+            why = (": its model class was defined in the script that saved it (__main__) and cannot be imported "
+                   "here; save model.state_dict() instead" if "__main__" in str(e2) else f": {type(e2).__name__}: "
+                   f"{_line(e2)}")
+            raise GPDError(f"cannot unpickle weights file {path}{why}") from None
+        if isinstance(state, nn.Module):
+            state = state.state_dict()
+    if isinstance(state, dict):
+        for key in ("state_dict", "model"):  # a training checkpoint that holds the state dict
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
         raise GPDError(f"{path} does not hold a state dict of tensors")
     return state
 
 
-def load_weights(model: nn.Module, path: str) -> None:
-    state = read_state(path)
+def load_weights(model: nn.Module, path: str, *, trust_pickle: bool = False,
+                 note: Callable[[str], None] | None = None) -> None:
+    """Load ``path`` strictly into ``model``. A DistributedDataParallel state dict (every key under
+    ``module.``) is unwrapped, and ``note`` (default: stderr) says so."""
+    state = read_state(path, trust_pickle)
     own = model.state_dict()
+    prefix = "module."
+    if state and all(k.startswith(prefix) for k in state) and not all(k.startswith(prefix) for k in own):
+        state = {k[len(prefix):]: v for k, v in state.items()}
+        (note or (lambda m: print(m, file=sys.stderr)))(
+            f"note: every key in {path} starts with '{prefix}' (saved from DistributedDataParallel): stripped it")
     missing = [k for k in own if k not in state]
     extra = [k for k in state if k not in own]
     wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]

@@ -92,7 +92,9 @@ def _factory(spec: str, kwargs: dict[str, Any]) -> nn.Module:
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise GPDError(f"cannot import {module_name!r} for MODEL spec {spec!r}: {e}") from None
+        # The gpd command looks in the current directory (as `python -m` does) and on PYTHONPATH.
+        raise GPDError(f"cannot import {module_name!r} for MODEL spec {spec!r}: {e} (modules are found in the "
+                       "current directory, installed packages and PYTHONPATH)") from None
     factory = module
     for part in attr.split("."):
         factory = getattr(factory, part, None)
@@ -116,14 +118,54 @@ def _build(spec: str, make: Any, kwargs: dict[str, Any]) -> nn.Module:
 def _load_pickled(path: str, trust_pickle: bool) -> nn.Module:
     if not os.path.isfile(path):
         raise GPDError(f"model file {path} does not exist" if not os.path.exists(path) else f"{path} is not a file")
+    # A weights-only load runs no code from the file, so it can say what the file is before any trust is asked:
+    # a state dict is the commonest .pt, and needs the architecture as MODEL and the file as --weights.
+    held = _weights_only(path)
+    if held is not None:
+        name = os.path.basename(path)
+        if _is_state_dict(held):
+            raise GPDError(f"{path} holds a state dict (weights), not a model: name the architecture as MODEL and "
+                           f"pass the file with --weights, e.g. `gpd expand torchvision:resnet18 --weights {name}`")
+        raise GPDError(f"{path} holds a {type(held).__name__}, not a pickled nn.Module")
     if not trust_pickle:
         raise GPDError(
             f"{path} is a pickled module: loading it runs code from the file. Pass --trust-pickle if you trust it"
         )
     try:
         return torch.load(path, weights_only=False, map_location="cpu")
+    except (AttributeError, ImportError) as e:  # the class of the pickled model cannot be found
+        text = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "__main__" in text:
+            raise GPDError(
+                f"cannot unpickle {path}: its model class was defined in the script that saved it (__main__), so "
+                "it cannot be imported here. Put the class in a module and use MODEL as module:factory, e.g. "
+                f"`gpd expand mymodel:Net --weights weights.pt` with weights.pt from torch.save(model.state_dict(), "
+                "...)") from None
+        raise GPDError(f"cannot unpickle {path}: {text} (the model's class must be importable: run gpd in the "
+                       "directory of its module or set PYTHONPATH)") from None
     except Exception as e:  # unpickling can raise anything
         raise GPDError(f"cannot unpickle {path}: {type(e).__name__}: {e}") from None
+
+
+def _weights_only(path: str) -> Any:
+    """What a weights-only load of ``path`` gives, or None when it refuses the file (a pickled module)."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception:
+        return None
+
+
+def _is_state_dict(obj: Any) -> bool:
+    """A dict of tensors, or a checkpoint holding one under ``state_dict`` or ``model``."""
+    if not isinstance(obj, dict):
+        return False
+    if obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        return True
+    return any(_is_state_dict(obj.get(k)) for k in ("state_dict", "model") if isinstance(obj.get(k), dict))
 
 
 def default_input_shape(spec: str) -> tuple[int, ...]:

@@ -91,9 +91,14 @@ def test_verify_fails_on_a_perturbed_weight_and_names_the_node(files):
     assert r.exit_code == 1 and "stage2_b_0" in r.output
 
 
-def test_verify_refuses_a_teacher_of_another_architecture(files):
-    _, _, _, teacher, _ = files
+def test_verify_refuses_a_teacher_of_another_architecture(files, tmp_path):
+    _, _, weights, teacher, _ = files
+    # The weights the plan records are loaded first, and do not fit the other architecture.
     r = gpd("verify", MODEL, teacher, "--model-arg", "width=8", "--device", "cpu")
+    assert r.exit_code == 2 and f"weights {weights} do not fit the model" in r.output
+    plain = tmp_path / "t.safetensors"
+    assert gpd("expand", MODEL, "--input-shape", SHAPE, "-o", plain).exit_code == 0
+    r = gpd("verify", MODEL, plain, "--model-arg", "width=8", "--device", "cpu")
     assert r.exit_code == 2 and "not made from this model" in r.output
 
 
