@@ -56,7 +56,8 @@ def steps(console: Console, quiet: bool = False) -> Iterator[Step]:
         return
     columns = (SpinnerColumn(finished_text="[green]✓[/]"), TextColumn("{task.description}"),
                TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
+    # stdout is not redirected: output meant for a pipe must never land on the terminal's stderr.
+    with Progress(*columns, console=console, transient=True, redirect_stdout=False) as progress:
         s = _Steps(progress)
         try:
             yield s
