@@ -17,9 +17,9 @@ install: $(VENV)/.installed
 
 demo: install
 	mkdir -p $(DEMO)
-	$(GPD) expand $(MODEL) --input-shape 1,3,32,32 --ratio 2 -o $(DEMO)/teacher.safetensors --force
-	$(GPD) verify $(MODEL) $(DEMO)/teacher.safetensors
-	$(GPD) extract $(DEMO)/teacher.safetensors -o $(DEMO)/student.safetensors --force
+	$(GPD) expand $(MODEL) --input-shape 1,3,32,32 --ratio 2 -o $(DEMO)/small_cnn.teacher.safetensors --force
+	$(GPD) verify $(DEMO)/small_cnn.teacher.safetensors
+	$(GPD) extract $(DEMO)/small_cnn.teacher.safetensors --force
 
 # pytest exits 5 when it collects nothing: that is not a failure of the suite.
 test: install
