@@ -105,8 +105,9 @@ def _branch_kernel(kind: str, weight: torch.Tensor, p: Mapping[str, torch.Tensor
         return torch.einsum("om...,mi->oi...", p[_name(kind, "weight")], p[_name(kind, "first")])
     theta = p[_name(kind, "weight")]
     size = weight.shape[2:]
-    if kind == "avg":
-        return theta * torch.full(size, 1.0 / math.prod(size), dtype=theta.dtype, device=theta.device)
+    if kind == "avg":  # a broadcast view: no kernel-sized constant, whatever size a file claims
+        scale = torch.tensor(1.0 / math.prod(size), dtype=theta.dtype, device=theta.device)
+        return (theta * scale).expand(*theta.shape[:2], *size)
     pads: list[int] = []
     for s in reversed(size):  # 1x1: the tap sits at the kernel's centre
         pads += [(s - 1) // 2, s // 2]

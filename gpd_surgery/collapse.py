@@ -102,6 +102,8 @@ def _fold_steps(recipe: Recipe, maps: Maps) -> tuple[tuple[str, int, int], ...] 
 
 
 def collapse_tensor(t: torch.Tensor, recipe: Recipe, maps: Maps) -> torch.Tensor:
+    if t.numel() == 0:  # nothing to fold, and no map to build: a forged size stays a number
+        return t.new_zeros(recipe.shape)
     steps = _fold_steps(recipe, maps)
     if steps is not None:
         return _Fold.apply(t, steps)

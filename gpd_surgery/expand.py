@@ -13,20 +13,58 @@ from torch import nn
 from . import branches
 from .analyse import Analysis, analyse, frozen_report
 from .errors import GPDError
-from .maps import Maps, leaf_src, whole_tiles
-from .plan import DTYPE_NAMES, STUDENT_PREFIX, Plan, Recipe
+from .layout import Cat
+from .maps import Maps, leaf_src, teacher_size, whole_tiles
+from .memory import check_memory, fmt_bytes
+from .plan import DTYPE_NAMES, MAX_RATIO, STUDENT_PREFIX, Plan, Recipe
+
+MAX_TEACHER_BYTES = 2**50  # 1 PiB: no machine holds it, and sizes stay far from int64 limits
 from .rules import conv, linear, lookup
-from .trace import propagate, trace
+from .trace import forward_bytes, propagate, trace
 
 
 def check_ratio(ratio: float) -> float:
     try:
         r = float(ratio)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise GPDError(f"ratio {ratio!r} is not a number") from None
     if not math.isfinite(r) or r < 1:
         raise GPDError(f"ratio must be a finite number >= 1, got {ratio}")
+    if r > MAX_RATIO:
+        raise GPDError(f"ratio {ratio} is beyond {MAX_RATIO:g}: a teacher that wide would not train on any machine")
     return r
+
+
+def teacher_bytes_estimate(analysis: Analysis, state: dict[str, torch.Tensor], ratio: float) -> int:
+    """Bytes of the teacher's tensors from sizes alone, before any map exists: a ratio or a model too large
+    for this machine is refused before it allocates anything."""
+    spaces = analysis.spaces
+
+    def tsize(lay: Any) -> int:
+        lay = spaces.resolve(lay)
+        if isinstance(lay, int):
+            size = spaces.size[spaces.find(lay)]
+            return teacher_size(size, ratio) if ratio > 1 and spaces.is_expanded(lay) else size
+        sizes = [tsize(p) for p in lay.parts]
+        return sum(sizes) if isinstance(lay, Cat) else math.prod(sizes)
+
+    total = 0
+    for key, t in state.items():
+        info = analysis.params.get(key)
+        n = math.prod(tsize(lay) for lay in info.layouts) if info is not None else t.numel()
+        total += n * t.element_size()
+    return total
+
+
+def check_teacher_memory(analysis: Analysis, model: nn.Module, ratio: float, force: bool | None = False,
+                         factor: int = 2) -> int:
+    """Refuse (unless ``force``) a teacher whose tensors would not fit in free memory ``factor`` times over
+    (building one takes about twice its size); refuse always one beyond any machine."""
+    need = factor * teacher_bytes_estimate(analysis, student_state(model), ratio)
+    if need > MAX_TEACHER_BYTES:
+        raise GPDError(f"a teacher of {fmt_bytes(need / factor)} at ratio {ratio:g} is beyond any machine: lower --ratio")
+    check_memory(need, force, f"the teacher at ratio {ratio:g}")
+    return need
 
 
 def analysis_maps(analysis: Analysis, ratio: float, seed: int) -> Maps:
@@ -48,10 +86,13 @@ class Student:
     input_shape: tuple[int, ...]
 
 
-def prepare(model: nn.Module, input_shape: tuple[int, ...]) -> Student:
+def prepare(model: nn.Module, input_shape: tuple[int, ...], force: bool | None = False) -> Student:
     gm = trace(model)
     param = next(iter(model.parameters()), None)
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    # Before the example input exists: an input shape too large for this machine is refused, not swapped.
+    check_memory(forward_bytes(gm, tuple(input_shape), dtype), force,
+                 f"a forward at input shape {'x'.join(map(str, input_shape))}", "use a smaller --input-shape")
     propagate(gm, torch.randn(input_shape, dtype=dtype))
     return Student(gm, analyse(gm), tuple(input_shape))
 

@@ -8,7 +8,7 @@ from .errors import GPDError
 
 def available_bytes() -> int | None:
     """Memory this process can still take: MemAvailable, capped by a cgroup (container) limit; None if unknown."""
-    found = [n for n in (_meminfo_available(), _cgroup_available()) if n is not None]
+    found = [n for n in (_meminfo_available(), _cgroup_available(), _rlimit_available()) if n is not None]
     if not found and hasattr(os, "sysconf"):
         try:
             found.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
@@ -41,6 +41,23 @@ def _cgroup_available() -> int | None:
         return None
 
 
+def _rlimit_available() -> int | None:
+    """An address-space limit (``ulimit -v``) minus what this process has mapped already."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft == resource.RLIM_INFINITY:
+            return None
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmSize:"):
+                    return max(0, soft - int(line.split()[1]) * 1024)
+    except (ImportError, OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024:
@@ -49,10 +66,12 @@ def fmt_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def check_memory(need: int, force: bool, what: str = "building the teacher") -> None:
-    """Refuse a run that would not fit in free memory, unless forced: better than being killed halfway."""
+def check_memory(need: int, force: bool | None, what: str = "building the teacher",
+                 hint: str = "use a smaller --ratio or model") -> None:
+    """Refuse a run that would not fit in free memory, unless forced: better than being killed halfway.
+    ``force=None``: the command has no --force to offer."""
     free = available_bytes()
     if force or free is None or need <= free:
         return
-    raise GPDError(f"{what} needs about {fmt_bytes(need)} but only {fmt_bytes(free)} is free: "
-                   "use a smaller --ratio or model, free memory, or pass --force to try anyway")
+    raise GPDError(f"{what} needs about {fmt_bytes(need)} but only {fmt_bytes(free)} is free: {hint}"
+                   + (" or free memory" if force is None else ", free memory, or pass --force to try anyway"))

@@ -18,10 +18,13 @@ import torch
 from .errors import PlanError
 from .layout import Cat, Layout, Prod
 from .branches import branch_shapes
-from .maps import Maps
+from .maps import Maps, teacher_size
 
 FORMAT = "gpd-surgery/teacher"
-VERSION = 1
+# 2: the source may record the student weights' path and SHA-256 (``gpd verify TEACHER`` alone).
+# Version 1 files read unchanged: every v1 field means the same in v2.
+VERSION = 2
+READS = (1, 2)
 STUDENT_PREFIX = "student/"  # the student's own buffers inside a teacher file
 MODES = ("copy", "share")
 DTYPES = {
@@ -146,7 +149,8 @@ MAX_SEED = 2**32 - 1
 MAX_DIMS = 8
 MAX_DEPTH = 64
 MAX_PARTS = 4096  # spaces in one layout: real ones have a few (groups x channels), concatenations dozens
-MAX_INPUT = 2**31  # elements of the recorded input shape
+MAX_INPUT = 2**31  # elements of the recorded input shape (memory is checked again before any forward)
+MAX_RATIO = 64.0  # a wider teacher would not train on any machine; bounds the maps built from a ratio
 
 
 def _need(cond: bool, msg: str) -> None:
@@ -167,11 +171,11 @@ def _parse(obj: Any) -> Plan:
     _need(isinstance(obj, dict), "not a JSON object")
     _need(obj.get("format") == FORMAT, f"format is {_short(obj.get('format'))}, expected {FORMAT!r}")
     version = obj.get("version")
-    _need(_is_int(version) and version == VERSION,
-          f"format version {_short(version)}, this gpd reads version {VERSION}")
+    _need(_is_int(version) and version in READS,
+          f"format version {_short(version)}, this gpd reads versions {', '.join(map(str, READS))}")
     ratio = obj.get("ratio")
-    _need((isinstance(ratio, float) or (_is_int(ratio) and ratio <= MAX_INT)) and math.isfinite(ratio) and ratio >= 1,
-          "ratio must be a finite number >= 1")
+    _need((isinstance(ratio, float) or (_is_int(ratio) and ratio <= MAX_INT)) and math.isfinite(ratio)
+          and 1 <= ratio <= MAX_RATIO, f"ratio must be a number in 1..{MAX_RATIO}")
     seed = _int(obj.get("seed"), "seed", 0, MAX_SEED)
     _need(isinstance(obj.get("equal_shares"), bool), "equal_shares must be a boolean")
     source = _source(obj.get("source"))
@@ -186,7 +190,10 @@ def _parse(obj: Any) -> Plan:
         if src is None:
             leaves[int(k)] = (size, None)
             continue
-        _need(isinstance(src, list) and len(src) >= size, f"space {k} map must list at least {size} channels")
+        # The map's length follows from the size and the ratio: a forged ratio cannot make `verify` rebuild
+        # maps larger than those the file lists.
+        _need(isinstance(src, list) and len(src) == teacher_size(size, ratio),
+              f"space {k} map must list {teacher_size(size, ratio)} channels ({size} at ratio {ratio:g})")
         # Checked in Python before torch sees them: an int beyond int64 would overflow torch.tensor.
         _need(all(_is_int(i) and 0 <= i < size for i in src), f"space {k} map must hold indices in 0..{size - 1}")
         t = torch.tensor(src, dtype=torch.long)
@@ -217,6 +224,8 @@ def _parse(obj: Any) -> Plan:
             d = _int(e[0], f"{key} dim", 0, MAX_DIMS)
             _need(d < len(shape) and d not in [p[0] for p in parsed], f"{key}: dim {d} out of range or repeated")
             lay = _lay_from_json(e[1], leaves, key, [0])
+            # A widened dim has a map somewhere in its layout; one over identity spaces only has nothing to do.
+            _need(any(leaves[leaf][1] is not None for leaf in _leaf_ids(lay)), f"{key}: dim {d} is not widened")
             _need(isinstance(e[2], str) and e[2] in MODES, f"{key}: mode must be one of {MODES}")
             # Summing copies is only the inverse of splitting for floats; integer tensors are copied.
             _need(e[2] == "copy" or DTYPES[dtype].is_floating_point, f"{key}: share mode needs a floating dtype")
@@ -242,6 +251,11 @@ def _source(v: Any) -> dict[str, Any]:
     _need(isinstance(v.get("model_args", {}), dict), "source.model_args must be an object")
     _need(v.get("model") is None or isinstance(v["model"], str), "source.model must be a string")
     _need(v.get("weights") is None or isinstance(v["weights"], str), "source.weights must be a string")
+    _need(v.get("weights_path") is None or (isinstance(v["weights_path"], str) and 0 < len(v["weights_path"]) <= 4096
+                                           and "\0" not in v["weights_path"]), "source.weights_path must be a path")
+    sha = v.get("weights_sha256")
+    _need(sha is None or (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)),
+          "source.weights_sha256 must be 64 lowercase hex digits")
     shape = v.get("input_shape")
     if shape is not None:
         _need(isinstance(shape, list) and 0 < len(shape) <= MAX_DIMS and all(_is_int(s) and s > 0 for s in shape)
@@ -294,6 +308,10 @@ def _lay_from_json(v: Any, leaves: dict, key: str, count: list[int], depth: int 
     _need(isinstance(parts, list) and len(parts) >= 1, f"{key}: malformed layout")
     laid = tuple(_lay_from_json(p, leaves, key, count, depth + 1) for p in parts)
     return Prod(laid) if kind == "p" else Cat(laid)
+
+
+def _leaf_ids(lay: Layout) -> list[int]:
+    return [lay] if isinstance(lay, int) else [i for p in lay.parts for i in _leaf_ids(p)]
 
 
 def _sizes(lay: Layout, leaves: dict, key: str) -> tuple[int, int]:

@@ -98,11 +98,12 @@ def inspect_file(path: str) -> dict[str, Any]:
         return {"kind": "tensors", "format": "safetensors", **out,
                 "metadata_keys": sorted(meta)}
     plan, _, _ = read_plan(path)
-    leaves = []
-    for i, (size, src) in sorted(plan.leaves.items()):
-        used = [r.key for r in plan.recipes if any(i in _leaf_ids(lay) for _, lay, _ in r.dims)]
-        leaves.append({"space": i, "size": size, "expanded_size": size if src is None else len(src),
-                       "tensors": used})
+    users: dict[int, list[str]] = defaultdict(list)  # one pass over the recipes: linear in the plan's size
+    for r in plan.recipes:
+        for i in dict.fromkeys(i for _, lay, _ in r.dims for i in _leaf_ids(lay)):
+            users[i].append(r.key)
+    leaves = [{"space": i, "size": size, "expanded_size": size if src is None else len(src), "tensors": users[i]}
+              for i, (size, src) in sorted(plan.leaves.items())]
     return {
         "kind": "teacher", "format": f"{FORMAT} v{VERSION}", **out, **_plan_numbers(plan),
         "seed": plan.seed, "equal_shares": plan.equal_shares, "source": plan.source,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -14,6 +15,8 @@ from torch import nn
 from .errors import GPDError
 
 INIT_SEED = 0  # models are built under a fixed seed so that `verify` rebuilds the same random student
+MAX_DIM = 2**31 - 1  # torch's sizes are int64, but kernels index int32 in places
+MAX_INPUT_ELEMENTS = 2**36  # 256 GiB of float32: memory is checked against the machine before any forward
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,9 @@ def parse_shape(text: str) -> tuple[int, ...]:
         raise GPDError(f"input shape {text!r} is not a comma-separated list of integers, e.g. 1,3,224,224") from None
     if not shape or any(s <= 0 for s in shape):
         raise GPDError(f"input shape {text!r} must have positive sizes")
+    if len(shape) > 8 or max(shape) > MAX_DIM or math.prod(shape) > MAX_INPUT_ELEMENTS:
+        raise GPDError(f"input shape {text[:60]!r} is too large: at most 8 dims of up to {MAX_DIM} and "
+                       f"{MAX_INPUT_ELEMENTS:,} values in all")
     return shape
 
 
@@ -268,6 +274,73 @@ def _spec(v: Any) -> Any:
     if isinstance(v, torch.Size):
         return tuple(v)
     return v
+
+
+class _Peak(fx.Interpreter):
+    """Run the graph on fake tensors (shapes only, no data, no compute) and track the bytes of the values
+    alive at once, freed after their last use as fx.Interpreter frees them: the forward's peak."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        self.last: dict[fx.Node, list[fx.Node]] = {}
+        for n in gm.graph.nodes:
+            if n.users:
+                self.last.setdefault(max(n.users, key=order.__getitem__), []).append(n)
+        self.live: dict[fx.Node, int] = {}
+        self.now = self.peak = self.total = 0
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if n.op != "get_attr":  # parameters exist already: they are the model's memory, not the forward's
+            size = sum(t.numel() * t.element_size() for t in _tensors(out))
+            self.live[n] = size
+            self.total += size
+            self.now += size
+            self.peak = max(self.peak, self.now)
+        for done in self.last.get(n, ()):
+            self.now -= self.live.pop(done, 0)
+        return out
+
+
+def _tensors(v: Any) -> list[torch.Tensor]:
+    if isinstance(v, torch.Tensor):
+        return [v]
+    if isinstance(v, (tuple, list)):
+        return [t for x in v for t in _tensors(x)]
+    if isinstance(v, dict):
+        return [t for x in v.values() for t in _tensors(x)]
+    return []
+
+
+def forward_bytes(gm: fx.GraphModule, shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
+                  total: bool = False) -> int:
+    """The peak memory of one forward at ``shape`` (values alive at once, input included), or with ``total``
+    the bytes of all its values together (what a run that records every node holds), found on fake tensors;
+    where the model cannot run on them (data-dependent Python), four times the input's size."""
+    for run in (_on_meta, _on_fake):  # meta tensors are 3-4x faster; fake ones also take CPU constants
+        try:
+            peak = _Peak(gm)
+            run(peak, gm, torch.empty(shape, dtype=dtype, device="meta"))
+            return peak.total if total else peak.peak
+        except Exception:
+            continue
+    return 4 * math.prod(shape) * dtype.itemsize
+
+
+def _on_meta(peak: _Peak, gm: fx.GraphModule, x: torch.Tensor) -> None:
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    meta = {k: torch.empty_like(v, device="meta") for k, v in [*gm.named_parameters(), *gm.named_buffers()]}
+    with _reparametrize_module(gm, meta), torch.no_grad():
+        peak.run(x)
+
+
+def _on_fake(peak: _Peak, gm: fx.GraphModule, x: torch.Tensor) -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
+        peak.run(torch.empty(x.shape, dtype=x.dtype))  # a fake CPU tensor: no data
 
 
 def propagate(gm: fx.GraphModule, example: torch.Tensor) -> None:

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -13,45 +14,68 @@ from torch import nn
 
 from .analyse import describe
 from .errors import GPDError
-from .expand import Student, build_teacher, make_plan, prepare
+from .expand import Student, build_teacher, check_teacher_memory, make_plan, prepare
 from .maps import Maps
+from .memory import check_memory
 from .plan import Plan
+from .trace import forward_bytes
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
+# Inside the graph each node is measured against the largest value flowing into or out of it: float32
+# rounding of a split sum reaches ~1e-6 of that at deep nodes, float64 ~1e-14.
+INSIDE_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10}
 
 
 @dataclass
 class Check:
     device: str
     dtype: str
-    max_abs: float
+    max_abs: float  # NaN where a value is not finite on one side only: never equal to anything
     max_rel: float
     tolerance: float
     passed: bool
+    nodes: int | None = None  # inside checks: how many nodes were compared
+    worst: str | None = None  # inside checks: the node with the largest error
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        for k in ("max_abs", "max_rel"):  # JSON has no NaN: null, with the check failed
+            out[k] = out[k] if math.isfinite(out[k]) else None
+        return out
 
 
 @dataclass
 class Report:
-    """``checks``: teacher vs student (IR); ``extraction``: extracted student vs the teacher's student view.
-    With ``trained`` the IR checks are for information: a trained teacher has left the student on purpose."""
+    """``checks``: teacher vs student outputs (IR); ``inside``: the activation invariant at every node of the
+    graph (IR, the real proof: outputs alone are vacuous for a student that ignores its input); ``extraction``:
+    extracted student vs the teacher's student view (CBR). With ``trained`` the IR checks are for information:
+    a trained teacher has left the student on purpose, and the extraction check alone decides."""
 
     checks: list[Check]
     extraction: list[Check] = field(default_factory=list)
     trained: bool = False
     divergence: dict[str, Any] | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    inside: list[Check] = field(default_factory=list)
+    constant_output: bool = False  # the student's output does not depend on its input
 
     @property
     def ir_passed(self) -> bool:
-        return all(c.passed for c in self.checks)
+        return all(c.passed for c in self.checks + self.inside)
 
     @property
     def passed(self) -> bool:
         return all(c.passed for c in self.extraction) and (self.trained or self.ir_passed)
 
+    @property
+    def decided_by(self) -> str:
+        return "extraction" if self.trained else "all"
+
     def to_dict(self) -> dict[str, Any]:
         return {"passed": self.passed, "ir_passed": self.ir_passed, "trained": self.trained,
-                "checks": [asdict(c) for c in self.checks], "extraction": [asdict(c) for c in self.extraction],
+                "decided_by": self.decided_by, "constant_output": self.constant_output,
+                "checks": [c.to_dict() for c in self.checks], "inside": [c.to_dict() for c in self.inside],
+                "extraction": [c.to_dict() for c in self.extraction],
                 "divergence": self.divergence, "timings": self.timings}
 
 
@@ -67,13 +91,22 @@ def devices(choice: str | None) -> list[str]:
 
 def rebuild(model: nn.Module, plan: Plan, tensors: dict[str, torch.Tensor], input_shape: tuple[int, ...]
             ) -> tuple[Student, Maps, fx.GraphModule]:
-    """Trace the student again and check that it is the architecture the plan was made from."""
-    student = prepare(model, input_shape)
+    """Trace the student again, check that it is the architecture the plan was made from, build the teacher."""
+    student, maps = replan(model, plan, input_shape)
+    return student, maps, build_teacher(student, maps, tensors, plan.branches)
+
+
+def replan(model: nn.Module, plan: Plan, input_shape: tuple[int, ...], memory_factor: int = 2
+           ) -> tuple[Student, Maps]:
+    """The traced student and its maps, checked against the plan; memory for ``memory_factor`` teachers (in
+    the model's dtype) checked from sizes before any map is built."""
+    student = prepare(model, input_shape, None)
+    check_teacher_memory(student.analysis, model, plan.ratio, None, memory_factor)
     again, maps = make_plan(student, model, plan.ratio, plan.seed, plan.equal_shares, plan.source)
     mine, theirs = _structure(again), _structure(plan)
     if mine != theirs:
         raise GPDError(f"the teacher was not made from this model ({_first_difference(mine, theirs)})")
-    return student, maps, build_teacher(student, maps, tensors, plan.branches)
+    return student, maps
 
 
 def _structure(plan: Plan) -> dict[str, Any]:
@@ -114,20 +147,59 @@ def compare(student: nn.Module, teacher: nn.Module, inputs: Iterable[torch.Tenso
     return _compare_placed(s, t, inputs, device, dtype)
 
 
+def difference(ref: torch.Tensor, got: torch.Tensor, finite: torch.Tensor | None = None) -> float:
+    """Largest ``|got - ref|``, or NaN where ``got`` is not finite although ``finite`` (default: ``ref``'s
+    own finiteness) says the value should be: a NaN never compares equal, and never hides in a max."""
+    if finite is None:
+        finite = torch.isfinite(ref)
+    ok = torch.isfinite(got)
+    if bool((finite & ~ok).any()) or bool((~finite & ok & ~torch.isfinite(ref)).any()):
+        return math.nan
+    both = finite & ok & torch.isfinite(ref)
+    if not bool(both.any()):
+        return 0.0
+    return float((got - ref).abs()[both].max())
+
+
+def _worse(a: float, b: float) -> float:
+    """``max`` that keeps a NaN (Python's ``max(x, nan)`` is ``x``)."""
+    return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
+
+
+def _scale(t: torch.Tensor) -> float:
+    finite = t[torch.isfinite(t)] if t.is_floating_point() else t
+    return float(finite.abs().max()) if finite.numel() else 0.0
+
+
+def _check(device: str, dtype: torch.dtype, max_abs: float, scale: float, tol: float, **extra: Any) -> Check:
+    rel = max_abs / scale if scale > 0 else (max_abs if max_abs != 0 else 0.0)
+    return Check(device, str(dtype).replace("torch.", ""), max_abs, rel, tol, bool(rel <= tol), **extra)
+
+
 def _compare_placed(a: nn.Module, b: nn.Module, inputs: Iterable[torch.Tensor], device: str,
-                    dtype: torch.dtype) -> Check:
-    """Relative to ``a``'s largest output, the largest difference of ``b``'s outputs: modules already placed."""
+                    dtype: torch.dtype, reference: list[list[torch.Tensor]] | None = None) -> Check:
+    """Relative to ``a``'s largest output, the largest difference of ``b``'s outputs: modules already placed.
+    ``reference``: per input, the student's own outputs; a value that is finite there must be finite in
+    both ``a`` and ``b`` (two NaN students are not "equal")."""
     max_abs, scale = 0.0, 0.0
     with torch.no_grad(), _no_tf32():
-        for x in inputs:
+        for i, x in enumerate(inputs):
             x = x.to(device=device, dtype=dtype)
-            for ya, yb in zip(_outputs(a(x)), _outputs(b(x)), strict=True):
-                max_abs = max(max_abs, (ya - yb).abs().max().item())
-                scale = max(scale, ya.abs().max().item())
-    rel = max_abs / scale if scale > 0 else max_abs
-    tol = TOLERANCE[dtype]
-    ok = rel <= tol and rel == rel
-    return Check(device, str(dtype).replace("torch.", ""), max_abs, rel, tol, ok)
+            ref = reference[i] if reference is not None else None
+            ya_all, yb_all = _outputs(a(x)), _outputs(b(x))
+            if len(ya_all) != len(yb_all):
+                return Check(device, str(dtype).replace("torch.", ""), math.nan, math.nan, TOLERANCE[dtype], False)
+            for j, (ya, yb) in enumerate(zip(ya_all, yb_all)):
+                if ya.shape != yb.shape:
+                    return Check(device, str(dtype).replace("torch.", ""), math.nan, math.nan, TOLERANCE[dtype], False)
+                if not ya.is_floating_point():
+                    ya, yb = ya.double(), yb.double()
+                finite = torch.isfinite(ref[j].to(ya.device)) if ref is not None and ref[j].shape == ya.shape else None
+                if finite is not None:
+                    max_abs = _worse(max_abs, difference(ya, ya, finite))  # ``a`` itself broken
+                max_abs = _worse(max_abs, difference(ya, yb, finite))
+                scale = max(scale, _scale(ya))
+    return _check(device, dtype, max_abs, scale, TOLERANCE[dtype])
 
 
 class _no_tf32:
@@ -142,46 +214,109 @@ class _no_tf32:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved
 
 
-class _Recorder(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule) -> None:
+def _activations(gm: fx.GraphModule) -> set[str]:
+    """Nodes whose value depends on the graph's input: the activations. A value computed from parameters
+    alone (a weight reshaped in the graph) holds shares of the student's, by design."""
+    out: set[str] = set()
+    for n in gm.graph.nodes:
+        if n.op == "placeholder" or any(a.name in out for a in n.all_input_nodes):
+            out.add(n.name)
+    return out
+
+
+class _Record(fx.Interpreter):
+    """Runs the student graph, keeping the activations that the analysis describes, and every node's scale."""
+
+    def __init__(self, gm: fx.GraphModule, dims: dict[str, Any]) -> None:
         super().__init__(gm)
-        self.values: list[tuple[fx.Node, Any]] = []
+        self.keep = {n for n in _activations(gm) if isinstance(dims.get(n), list)}
+        self.values: dict[str, torch.Tensor] = {}
+        self.scales: dict[str, float] = {}
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
-        self.values.append((n, out))
+        if n.name in self.keep and isinstance(out, torch.Tensor) and out.is_floating_point():
+            self.values[n.name] = out.clone()  # a later in-place op (ReLU(inplace=True)) would change it
+            self.scales[n.name] = _scale(out)
         return out
 
 
-def localize(student: Student, maps: Maps, teacher: fx.GraphModule, x: torch.Tensor,
-             tol: float = TOLERANCE[torch.float64]) -> dict[str, Any] | None:
+class _Inside(fx.Interpreter):
+    """Runs the teacher graph and checks every node that the student recorded against its copies there."""
+
+    def __init__(self, gm: fx.GraphModule, student: Student, maps: Maps, record: _Record, tol: float) -> None:
+        super().__init__(gm)
+        self.student, self.maps, self.record, self.tol = student, maps, record, tol
+        self.nodes, self.max_abs, self.max_rel, self.worst = 0, 0.0, 0.0, None
+        self.first: dict[str, Any] | None = None
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        vs = self.record.values.pop(n.name, None)
+        if vs is not None:
+            self._check(n, vs, out)
+        return out
+
+    def _check(self, n: fx.Node, vs: torch.Tensor, vt: Any) -> None:
+        expected = vs
+        for d, lay in enumerate(self.student.analysis.dims[n.name]):
+            src = self.maps.src(lay, vs.device)
+            if src is not None:
+                expected = expected.index_select(d, src)
+        where = {"node": n.name, "op": describe(_student_node(self.student, n.name), self.student.gm)}
+        self.nodes += 1
+        if not isinstance(vt, torch.Tensor) or vt.shape != expected.shape:
+            self._fail(where, math.nan, {"error": "shape", "detail": f"teacher {tuple(getattr(vt, 'shape', ()))}, "
+                                                                     f"expected {tuple(expected.shape)}"})
+            return
+        inputs = [self.record.scales.get(a.name, 0.0) for a in _student_node(self.student, n.name).all_input_nodes]
+        scale = max([self.record.scales[n.name], *inputs])
+        err = difference(expected, vt.to(expected.dtype))
+        rel = err / scale if scale > 0 else err
+        if not math.isnan(self.max_rel) and (math.isnan(rel) or rel > self.max_rel):
+            self.max_rel, self.max_abs, self.worst = rel, err, n.name
+        if not rel <= self.tol:
+            self._fail(where, rel, {"error": "value" if math.isfinite(err) else "nonfinite", "max_rel": rel})
+
+    def _fail(self, where: dict[str, Any], rel: float, detail: dict[str, Any]) -> None:
+        if math.isnan(rel) and not math.isnan(self.max_rel):
+            self.max_rel = self.max_abs = math.nan
+            self.worst = where["node"]
+        if self.first is None:
+            self.first = {**where, **detail}
+
+
+def _student_node(student: Student, name: str) -> fx.Node:
+    nodes = getattr(student, "_by_name", None)
+    if nodes is None:
+        nodes = {n.name: n for n in student.gm.graph.nodes}
+        student._by_name = nodes  # type: ignore[attr-defined]
+    return nodes[name]
+
+
+def compare_inside(student: Student, maps: Maps, student_gm: fx.GraphModule, teacher: fx.GraphModule,
+                   x: torch.Tensor, device: str, dtype: torch.dtype) -> tuple[Check, dict[str, Any] | None]:
+    """The activation invariant at every node: each copy of a student channel in the teacher holds the
+    student's activation. ``student_gm`` and ``teacher`` are placed in ``dtype`` on ``device``. Returns the
+    check and the first node (in graph order) where it fails."""
+    tol = INSIDE_TOLERANCE[dtype]
+    with torch.no_grad(), _no_tf32():
+        x = x.to(device=device, dtype=dtype)
+        record = _Record(student_gm, student.analysis.dims)
+        record.run(x)
+        inside = _Inside(teacher, student, maps, record, tol)
+        inside.run(x)
+        record.values.clear()
+    check = Check(device, str(dtype).replace("torch.", ""), inside.max_abs, inside.max_rel, tol,
+                  inside.first is None, nodes=inside.nodes, worst=inside.worst)
+    return check, inside.first
+
+
+def localize(student: Student, maps: Maps, teacher: fx.GraphModule, x: torch.Tensor) -> dict[str, Any] | None:
     """The first node whose teacher activation is not the student's, copied through the maps (float64, CPU)."""
     s_gm = copy.deepcopy(student.gm).double().eval()
     t_gm = copy.deepcopy(teacher).double().eval()
-    rs, rt = _Recorder(s_gm), _Recorder(t_gm)
-    with torch.no_grad():
-        rs.run(x.double().cpu())
-        rt.run(x.double().cpu())
-    for (ns, vs), (nt, vt) in zip(rs.values, rt.values):
-        dims = student.analysis.dims.get(ns.name)
-        if ns.op == "get_attr":  # a parameter: its copies hold shares of the student's value by design
-            continue
-        if not isinstance(vs, torch.Tensor) or not isinstance(dims, list) or not vs.is_floating_point():
-            continue
-        expected = vs
-        for d, lay in enumerate(dims):
-            src = maps.src(lay)
-            if src is not None:
-                expected = expected.index_select(d, src)
-        where = {"node": ns.name, "op": describe(ns, student.gm)}
-        if not isinstance(vt, torch.Tensor) or vt.shape != expected.shape:
-            return {**where, "error": "shape", "detail": f"teacher {tuple(getattr(vt, 'shape', ()))}, "
-                                                           f"expected {tuple(expected.shape)}"}
-        scale = vs.abs().max().item() or 1.0
-        rel = (vt - expected).abs().max().item() / scale
-        if not rel <= tol:
-            return {**where, "error": "value", "max_rel": rel}
-    return None
+    return compare_inside(student, maps, s_gm, t_gm, x, "cpu", torch.float64)[1]
 
 
 class _Cast(Mapping[str, torch.Tensor]):
@@ -207,10 +342,12 @@ class _Cast(Mapping[str, torch.Tensor]):
 
 
 def extraction_check(model: nn.Module, plan: Plan, tensors: Mapping[str, torch.Tensor], teacher: nn.Module,
-                     student: Student, inputs: list[torch.Tensor], device: str, dtype: torch.dtype) -> Check:
+                     student: Student, inputs: list[torch.Tensor], device: str, dtype: torch.dtype,
+                     reference: list[list[torch.Tensor]] | None = None) -> Check:
     """The student that `gpd extract` writes, loaded into ``model``, against the teacher's student view;
     both collapsed in ``dtype`` so that the comparison measures the two paths, not a rounding. ``teacher``
-    must already be in ``dtype`` on ``device``: it is shared by the view, not copied."""
+    must already be in ``dtype`` on ``device``: it is shared by the view, not copied. ``reference``: the
+    original student's outputs, where a finite value must stay finite in both."""
     from .collapse import collapse
     from .student_view import StudentView
 
@@ -221,40 +358,74 @@ def extraction_check(model: nn.Module, plan: Plan, tensors: Mapping[str, torch.T
     del state
     view = StudentView(teacher, plan, student.gm).to(device=device, dtype=dtype).eval()
     view.load_student_buffers(tensors)
-    return _compare_placed(extracted, view, inputs, device, dtype)
+    return _compare_placed(extracted, view, inputs, device, dtype, reference)
 
 
 def _placed(model: nn.Module, device: str, dtype: torch.dtype) -> nn.Module:
     return copy.deepcopy(model).to(device=device, dtype=dtype).eval()
 
 
+def _run_outputs(model: nn.Module, inputs: list[torch.Tensor], device: str, dtype: torch.dtype
+                 ) -> list[list[torch.Tensor]]:
+    with torch.no_grad(), _no_tf32():
+        return [_outputs(model(x.to(device=device, dtype=dtype))) for x in inputs]
+
+
+def is_constant(outputs: list[list[torch.Tensor]]) -> bool:
+    """Whether the outputs for different inputs are all the same (a zero head, a constant model)."""
+    return len(outputs) > 1 and all(len(o) == len(outputs[0]) and all(a.shape == b.shape and torch.equal(a, b)
+                                                                     for a, b in zip(o, outputs[0]))
+                                    for o in outputs[1:])
+
+
 def verify(model: nn.Module, plan: Plan, tensors: dict[str, torch.Tensor], input_shape: tuple[int, ...] | None = None,
-           device: str | None = None, n_inputs: int = 3, seed: int = 0, trained: bool = False) -> Report:
-    """Compare the student ``model`` with the teacher rebuilt from ``plan`` and ``tensors`` (IR), and the
-    extracted student with the teacher's student view (CBR)."""
+           device: str | None = None, n_inputs: int = 3, seed: int = 0, trained: bool = False,
+           progress: Callable[[str], None] | None = None) -> Report:
+    """Compare the student ``model`` with the teacher rebuilt from ``plan`` and ``tensors`` (IR): outputs, and
+    the activation invariant at every node; and the extracted student with the teacher's student view (CBR).
+    ``progress`` is called with a short label before each step."""
     import time
 
+    step = progress or (lambda label: None)
     shape = tuple(input_shape or plan.source.get("input_shape") or ())
     if not shape:
         raise GPDError("the plan records no input shape: pass --input-shape")
     t0 = time.perf_counter()
-    student, maps, teacher = rebuild(model, plan, tensors, shape)
+    step("tracing the student")
+    student, maps = replan(model, plan, shape, memory_factor=3)  # float32 and float64 teachers, one at a time
+    # The comparison inside keeps every student activation (float64) while the teacher, up to ``ratio`` times
+    # wider, runs: refused before it starts when a shape (the plan's, or --input-shape) makes that too much.
+    need = forward_bytes(student.gm, shape, torch.float64, total=True) * (1 + plan.ratio)
+    check_memory(need, None, f"verifying at input shape {'x'.join(map(str, shape))}", "use a smaller --input-shape")
     t1 = time.perf_counter()
     g = torch.Generator().manual_seed(seed)
     inputs = [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(n_inputs)]
-    checks, extraction = [], []
+    checks, inside, extraction = [], [], []
+    firsts: list[tuple[bool, dict[str, Any]]] = []
+    constant = False
     for dev in devices(device):
         for dt in (torch.float32, torch.float64):
+            name = f"{dev} {str(dt).replace('torch.', '')}"
+            step(f"teacher = student ({name})")
             # One teacher in this dtype at a time, made from the file's tensors (a float64 teacher of a
             # 300M-parameter model is 2.4 GB): never a copy of another teacher.
             placed = build_teacher(student, maps, tensors, plan.branches).to(device=dev, dtype=dt).eval()
-            checks.append(_compare_placed(_placed(model, dev, dt), placed, inputs, dev, dt))
-            extraction.append(extraction_check(model, plan, tensors, placed, student, inputs, dev, dt))
+            s_model = _placed(model, dev, dt)
+            reference = _run_outputs(s_model, inputs, dev, dt)
+            constant = constant or (dt == torch.float64 and is_constant(reference))
+            checks.append(_compare_placed(s_model, placed, inputs, dev, dt, reference))
+            del s_model
+            if not trained:
+                step(f"teacher = student inside ({name})")
+                check, first = compare_inside(student, maps, _placed(student.gm, dev, dt), placed, inputs[0], dev, dt)
+                inside.append(check)
+                if first is not None:
+                    firsts.append((dt == torch.float64 and dev == "cpu", {**first, "device": dev, "dtype": check.dtype}))
+            step(f"extracted = student view ({name})")
+            extraction.append(extraction_check(model, plan, tensors, placed, student, inputs, dev, dt, reference))
             del placed
-    report = Report(checks, extraction, trained)
-    if not report.ir_passed and not trained:
-        failed = next(c for c in checks if not c.passed)
-        tol = TOLERANCE[torch.float64] if failed.dtype == "float64" else 1e-6
-        report.divergence = localize(student, maps, teacher, inputs[0], tol)
+    report = Report(checks, extraction, trained, inside=inside, constant_output=constant)
+    if firsts:  # the float64 CPU run names the node most reliably
+        report.divergence = max(firsts, key=lambda f: f[0])[1]
     report.timings = {"rebuild_s": t1 - t0, "compare_s": time.perf_counter() - t1}
     return report

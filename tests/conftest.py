@@ -61,3 +61,62 @@ def _collect_garbage():
     """fx graphs hold reference cycles: free each test's teacher before the next allocates its own."""
     yield
     gc.collect()
+
+
+def run_limited(args: list[str], memory: int = 1 << 30, seconds: float = 20.0, cwd: str | None = None
+                ) -> tuple[int, str]:
+    """Run ``gpd ARGS`` in a forked child whose address space may grow by at most ``memory`` bytes beyond
+    what it starts with, killed after ``seconds``: (exit code, stdout + stderr). A child killed for time
+    returns -9 (a test then fails on the code); one that hits the memory limit sees allocation failures."""
+    import resource
+    import signal
+    import sys
+    import tempfile
+    import time
+
+    out = tempfile.TemporaryFile()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns to pytest
+        code = 70
+        try:
+            os.dup2(out.fileno(), 1)
+            os.dup2(out.fileno(), 2)
+            sys.stdout = open(1, "w", closefd=False)  # pytest's capture replaced the streams: back to fd 1, 2
+            sys.stderr = open(2, "w", closefd=False)
+            if cwd:
+                os.chdir(cwd)
+            torch.set_num_threads(1)
+            with open("/proc/self/status") as f:
+                vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+            resource.setrlimit(resource.RLIMIT_AS, (vm + memory, vm + memory))
+            from gpd_surgery.cli import app
+
+            sys.argv = ["gpd", *map(str, args)]
+            try:
+                app(prog_name="gpd")
+                code = 0
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    deadline = time.monotonic() + seconds
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            status = -9
+            break
+        time.sleep(0.02)
+    out.seek(0)
+    text = out.read().decode(errors="replace")
+    code = status if status == -9 else (os.waitstatus_to_exitcode(status))
+    return code, text
