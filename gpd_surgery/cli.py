@@ -86,7 +86,8 @@ def _safe(text: Any) -> str:
 
 
 def _student(model: str, weights: Optional[str], model_args: dict[str, Any], trust_pickle: bool) -> Any:
-    _cwd_on_path()
+    if not model.startswith(("torchvision:", "timm:")):  # those import nothing from the current directory
+        _cwd_on_path()
     try:
         m = load_model(model, model_args, trust_pickle=trust_pickle)
     except GPDError:
