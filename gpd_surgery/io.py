@@ -333,11 +333,13 @@ def _unpickle_state(path: str, trust_pickle: bool) -> dict[str, torch.Tensor]:
             raise GPDError(f"weights file {path} is neither a safetensors file nor a torch.save file") from None
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         if not trust_pickle:
-            what = (f"it pickles {found.group(1)} (a whole model saved with torch.save(model)?)" if found
-                    else "it holds more than tensors and plain containers")
-            raise GPDError(f"weights file {path} is not a plain state dict: {what}, which only unpickling can "
-                           "load, and that runs code from the file: pass --trust-pickle if you trust it, or save "
-                           "model.state_dict() instead") from None
+            name = found.group(1) if found else ""
+            what = (f"it pickles {name}" + (" (a whole model saved with torch.save(model)?)"
+                                            if name.rpartition(".")[2][:1].isupper() else "")
+                    if found else "it holds more than tensors and plain containers")
+            raise GPDError(f"weights file {path} is not a plain state dict: {what}, which a weights-only load "
+                           "refuses, and unpickling it runs code from the file: pass --trust-pickle if you trust "
+                           "it, or save model.state_dict() instead") from None
         try:
             state = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e2:  # unpickling can raise anything
