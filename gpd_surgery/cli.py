@@ -129,12 +129,14 @@ def _weights_source(weights: Optional[str]) -> dict[str, Any]:
 
 
 def _default_output(inputs: List[Optional[str]], spec: Optional[str], kind: str) -> str:
-    """``NAME.{kind}.safetensors``: next to the first input file given (a ``.teacher`` suffix of its name
-    replaced), else named after the spec (``torchvision:resnet18`` -> ``resnet18``) in the current directory."""
+    """``NAME.{kind}.safetensors``: next to the first input file given (``x.teacher.safetensors`` gives
+    ``x.student.safetensors``), else named after the spec (``torchvision:resnet18`` -> ``resnet18``) in the
+    current directory. Never the input's own name: ``.{kind}`` is always added."""
     for path in inputs:
         if path:
             stem = os.path.splitext(path)[0]
-            stem = stem[: -len(".teacher")] if stem.endswith(".teacher") else stem
+            if kind != "teacher" and stem.endswith(".teacher"):
+                stem = stem[: -len(".teacher")]
             return f"{stem}.{kind}.safetensors"
     name = re.sub(r"[^\w.-]", "_", (spec or "model").rpartition(":")[2]).strip(".") or "model"
     return f"{name}.{kind}.safetensors"

@@ -172,6 +172,7 @@ def test_default_outputs_are_named_after_the_input_and_never_overwritten(tmp_pat
     ([None, "models/net.pt"], "models/net.pt", "teacher", "models/net.teacher.safetensors"),
     (["ckpt/e10.pt", None], "torchvision:resnet18", "teacher", "ckpt/e10.teacher.safetensors"),
     (["a/r18.teacher.safetensors"], None, "student", "a/r18.student.safetensors"),
+    (["w.teacher.safetensors"], MODEL, "teacher", "w.teacher.teacher.safetensors"),  # never the input itself
 ])
 def test_default_output_names(inputs, spec, kind, want):
     assert cli._default_output(inputs, spec, kind) == want
