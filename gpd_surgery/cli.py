@@ -266,9 +266,8 @@ def verify(
             shape = parse_shape(input_shape) if input_shape else None
             from .verify import verify as run_verify
 
-            step("comparing teacher and student")
             t0 = time.perf_counter()
-            report = run_verify(student, plan, tensors, shape, device, inputs, trained=trained)
+            report = run_verify(student, plan, tensors, shape, device, inputs, trained=trained, progress=step)
         result = {"model": model, "teacher": teacher, "weights": used, **report.to_dict(),
                   "seconds": round(time.perf_counter() - t0, 3)}
         if as_json:

@@ -286,7 +286,8 @@ def test_progress_shows_each_step_on_a_terminal(terminal, tmp_path):
     assert "loading" not in r.output  # the table on stdout is unchanged
     terminal.truncate(0)
     r = gpd("verify", tmp_path / "t.safetensors", "--device", "cpu")
-    assert r.exit_code == 0 and "reading" in terminal.getvalue() and "comparing" in terminal.getvalue()
+    shown = terminal.getvalue()
+    assert r.exit_code == 0 and "reading" in shown and "teacher = student (cpu float64)" in shown
     terminal.truncate(0)
     r = gpd("extract", tmp_path / "t.safetensors", "-o", tmp_path / "s.safetensors")
     assert r.exit_code == 0 and "collapsing" in terminal.getvalue()
