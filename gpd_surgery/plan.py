@@ -224,13 +224,13 @@ def _parse(obj: Any) -> Plan:
             d = _int(e[0], f"{key} dim", 0, MAX_DIMS)
             _need(d < len(shape) and d not in [p[0] for p in parsed], f"{key}: dim {d} out of range or repeated")
             lay = _lay_from_json(e[1], leaves, key, [0])
-            # A widened dim has a map somewhere in its layout; one over identity spaces only has nothing to do.
-            _need(any(leaves[leaf][1] is not None for leaf in _leaf_ids(lay)), f"{key}: dim {d} is not widened")
             _need(isinstance(e[2], str) and e[2] in MODES, f"{key}: mode must be one of {MODES}")
             # Summing copies is only the inverse of splitting for floats; integer tensors are copied.
             _need(e[2] == "copy" or DTYPES[dtype].is_floating_point, f"{key}: share mode needs a floating dtype")
             size = _sizes(lay, leaves, key)[0]
             _need(size == shape[d], f"{key}: dim {d} layout has size {size}, tensor {shape[d]}")
+            # A widened dim has a map somewhere in its layout; one over identity spaces only has nothing to do.
+            _need(any(leaves[leaf][1] is not None for leaf in _leaf_ids(lay)), f"{key}: dim {d} is not widened")
             parsed.append((d, lay, e[2]))
         recipes.append(Recipe(key, kind, shape, dtype, teacher, parsed))
     report = _report(obj.get("report", {}))
