@@ -12,8 +12,8 @@ from torch import nn
 
 from .collapse import collapse
 from .branches import parse as parse_branches
-from .expand import (Student, build_teacher, check_ratio, expand_tensors, init_branch_tensors, make_plan,
-                     plan_branches, prepare, student_state)
+from .expand import (Student, build_teacher, check_ratio, check_teacher_memory, expand_tensors, init_branch_tensors,
+                     make_plan, plan_branches, prepare, student_state)
 from .io import load_teacher_file, save_teacher
 from .maps import Maps
 from .plan import DTYPES, Plan
@@ -33,9 +33,10 @@ class Expanded:
     def teacher(self) -> fx.GraphModule:
         return build_teacher(self.student, self.maps, self.tensors, self.plan.branches)
 
-    def save(self, path: str, *, durable: bool = False) -> None:
-        """Write the teacher file atomically; ``durable`` also fsyncs it (see ``io.atomic_save``)."""
-        save_teacher(path, self.plan, self.tensors, durable=durable)
+    def save(self, path: str, *, durable: bool = False, overwrite: bool = False) -> None:
+        """Write the teacher file atomically; ``durable`` also fsyncs it; an existing file is replaced only with
+        ``overwrite`` (see ``io.atomic_write``)."""
+        save_teacher(path, self.plan, self.tensors, durable=durable, overwrite=overwrite)
 
     def summary(self) -> dict[str, Any]:
         return summarize(self.plan, self.tensors, self.seconds)
@@ -69,13 +70,16 @@ class Planned:
 
 def plan_expansion(model: nn.Module, input_shape: tuple[int, ...], ratio: float = 2.0, *, seed: int = 0,
                    equal_shares: bool = False, source: dict[str, Any] | None = None,
-                   branches: str | tuple[str, ...] = ()) -> Planned:
+                   branches: str | tuple[str, ...] = (), force: bool = False, dry_run: bool = False) -> Planned:
     """Trace and analyse ``model`` and plan its widening by ``ratio`` (with ``branches``, e.g. "default" or
-    ("kxk", "lowrank")); no teacher tensor is made yet."""
+    ("kxk", "lowrank")); no teacher tensor is made yet. An input shape whose forward, or a teacher whose
+    tensors, would not fit in free memory is refused from sizes alone, before anything is allocated, unless
+    ``force``; a ``dry_run`` (no teacher will be built) checks only the forward."""
     ratio = check_ratio(ratio)
     t0 = time.perf_counter()
     model = model.eval()
-    student = prepare(model, tuple(input_shape))
+    student = prepare(model, tuple(input_shape), force)
+    check_teacher_memory(student.analysis, model, ratio, force or dry_run)
     source = {"input_shape": list(input_shape), **(source or {})}
     plan, maps = make_plan(student, model, ratio, seed, equal_shares, source)
     plan_branches(plan, student, parse_branches(branches) if isinstance(branches, str) else tuple(branches))

@@ -184,12 +184,12 @@ def expand(
             source = {"model": model, "model_args": args, **_weights_source(weights)}
             step(f"tracing and planning x{r:g}")
             planned = api.plan_expansion(student, shape, r, seed=seed, equal_shares=equal_shares, source=source,
-                                         branches=kinds)
+                                         branches=kinds, force=force)
             check_memory(planned.build_bytes(), force)  # before any teacher tensor exists
             step("building the teacher")
             result = planned.build()
             step(f"writing {output}")
-            result.save(output, durable=durable)
+            result.save(output, durable=durable, overwrite=force)
         summary = {"output": output, "model": model, **result.summary()}
         if as_json:
             print(json.dumps(summary))
@@ -383,7 +383,7 @@ def extract(
         t0 = time.perf_counter()
         state = api.extract(teacher)
         step(f"writing {output}")
-        atomic_save(state, output, durable=durable)
+        atomic_save(state, output, durable=durable, overwrite=force)
         return {
             "teacher": teacher, "output": output, "tensors": len(state),
             "student_params": sum(v.numel() for v in state.values()), "seconds": round(time.perf_counter() - t0, 3),
@@ -432,8 +432,9 @@ def plan_cmd(
             step(f"loading {model}" + (f" with {weights}" if weights else ""))
             student = _student(model, weights, args, trust_pickle)
             step(f"tracing and planning x{r:g}")
+            # a dry run makes no teacher tensor: a teacher too large for this machine is shown, not refused
             planned = api.plan_expansion(student, shape, r, seed=seed, equal_shares=equal_shares, branches=kinds,
-                                         source={"model": model})
+                                         source={"model": model}, dry_run=True)
             rep = {"model": model, **plan_report(planned), "branches": list(kinds),
                    "branched_weights": len(planned.plan.branches)}
         if as_json:

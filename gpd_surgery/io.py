@@ -1,8 +1,11 @@
 """Reading and writing teacher and student files: validated on the way in, atomic on the way out."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
+import math
 import os
 import struct
 import sys
@@ -10,7 +13,6 @@ import tempfile
 from typing import IO, Any, Callable, TypeVar
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from .errors import GPDError, PlanError
@@ -44,10 +46,15 @@ def check_input_file(path: str, what: str = "file") -> None:
 
 
 def check_output(path: str, force: bool) -> None:
+    """Refuse, before any work, an output that may not be written: a directory; an existing file that is not a
+    regular one (a device, FIFO or socket: even with ``force``); an existing name without ``force`` (a dangling
+    symlink is one too); a missing directory. A name taken later is refused by the write itself (``atomic_write``)."""
     if os.path.isdir(path):
         raise GPDError(f"output {path} is a directory")
-    if os.path.exists(path) and not force:
-        raise GPDError(f"output {path} exists: pass --force to overwrite it")
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise GPDError(f"output {path} is not a regular file (a device, FIFO or socket): gpd does not write to it")
+    if os.path.lexists(path) and not force:
+        raise _exists(path)
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise GPDError(f"output directory {parent} does not exist")
@@ -122,26 +129,44 @@ def _sync_file_range() -> Any:
         return False
 
 
-def atomic_save(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None, *,
-                durable: bool = False) -> None:
-    """Write a safetensors file and move it into place complete: a failed or killed run leaves no partial
-    output. ``durable`` also survives a power cut: the data is on disk (``fsync``) before the file gets
-    its name. That waits for the disk (about 1 s per GB here), which is why it is opt-in for outputs that
-    can be made again (expand, extract) and on for training checkpoints."""
+def _exists(path: str) -> GPDError:
+    return GPDError(f"output {path} exists: pass --force to overwrite it")
+
+
+def atomic_write(path: str, write: Callable[[IO[bytes]], None], *, durable: bool = False,
+                 overwrite: bool = False) -> None:
+    """Run ``write`` on a new file and give that file the name ``path`` only once it is complete: a failed or
+    killed run leaves no partial output. On Linux the file has no name while it is written (O_TMPFILE), so
+    even SIGKILL leaves nothing behind; elsewhere it is a temporary ``.gpd-*.tmp`` next to ``path``, removed
+    on any error (but not on SIGKILL). Without ``overwrite`` the file gets its name by a hard link, which
+    fails when the name exists: an output that appeared meanwhile (another run's) is refused, never replaced.
+    With ``overwrite`` it is renamed over the old file, atomically.
+
+    ``durable`` also survives a power cut: the data is on disk (``fsync``) before the file gets its name.
+    That waits for the disk (about 1 s per GB here), which is why it is opt-in for outputs that can be made
+    again (expand, extract) and on for training checkpoints."""
+    check_output(path, overwrite)
     parent = os.path.dirname(os.path.abspath(path))
     try:
-        if not _save_unnamed(tensors, path, parent, metadata, durable):
-            _save_named(tensors, path, parent, metadata, durable)
+        if not _save_unnamed(write, path, parent, durable, overwrite):
+            _save_named(write, path, parent, durable, overwrite)
     except OSError as e:  # a full disk or a read-only directory is the user's to fix, not a bug
         raise GPDError(f"cannot write {path}: {e.strerror or e}") from None
     if durable:
         _fsync_dir(parent)
 
 
-def _write(fd: int, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None, durable: bool) -> IO[bytes]:
+def atomic_save(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None, *,
+                durable: bool = False, overwrite: bool = False) -> None:
+    """A safetensors file, written by ``atomic_write`` (which see for ``durable`` and ``overwrite``)."""
+    atomic_write(path, lambda f: write_safetensors(f, tensors, metadata, durable), durable=durable,
+                 overwrite=overwrite)
+
+
+def _write(fd: int, write: Callable[[IO[bytes]], None], durable: bool) -> IO[bytes]:
     f = os.fdopen(fd, "wb")
     try:
-        write_safetensors(f, tensors, metadata, durable)
+        write(f)
         f.flush()
         if durable:
             os.fsync(f.fileno())  # the data is on disk before the file gets its name
@@ -151,8 +176,8 @@ def _write(fd: int, tensors: dict[str, torch.Tensor], metadata: dict[str, str] |
     return f
 
 
-def _save_unnamed(tensors: dict[str, torch.Tensor], path: str, parent: str, metadata: dict[str, str] | None,
-                  durable: bool) -> bool:
+def _save_unnamed(write: Callable[[IO[bytes]], None], path: str, parent: str, durable: bool,
+                  overwrite: bool) -> bool:
     """Linux: write an unnamed file (O_TMPFILE) and name it only once complete, so that even SIGKILL
     leaves nothing behind. False where the system cannot (no O_TMPFILE, no /proc)."""
     try:
@@ -161,38 +186,55 @@ def _save_unnamed(tensors: dict[str, torch.Tensor], path: str, parent: str, meta
         return False
     tmp = None
     try:
-        with _write(fd, tensors, metadata, durable) as f:
+        with _write(fd, write, durable) as f:
             try:
-                tmp = _link(f.fileno(), path, parent)
+                tmp = _link(f.fileno(), path, parent, overwrite)
             except OSError:
                 return False
         if tmp is not None:
             os.replace(tmp, path)
         return True
     except BaseException:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         raise
 
 
-def _save_named(tensors: dict[str, torch.Tensor], path: str, parent: str, metadata: dict[str, str] | None,
-                durable: bool) -> None:
-    """A temporary file next to ``path``, removed on failure, renamed into place on success."""
+def _save_named(write: Callable[[IO[bytes]], None], path: str, parent: str, durable: bool,
+                overwrite: bool) -> None:
+    """A temporary file next to ``path``, removed on failure. Then renamed over ``path`` (``overwrite``), or
+    hard-linked to it and removed: a link, unlike a rename, fails when the name was taken meanwhile."""
     fd, tmp = tempfile.mkstemp(prefix=".gpd-", suffix=".tmp", dir=parent)
     try:
         umask = os.umask(0)
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)  # the permissions a plain open() gives, not mkstemp's 0600
-        _write(fd, tensors, metadata, durable).close()
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+        _write(fd, write, durable).close()
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _link_new(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):  # gone after the rename
             os.unlink(tmp)
+
+
+def _link_new(tmp: str, path: str) -> None:
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise _exists(path) from None
+    except OSError as e:
+        if e.errno in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS):  # FAT and some network file systems
+            raise GPDError(f"cannot write {path}: this file system has no hard links, by which gpd makes sure not "
+                           "to replace a file created meanwhile: pass --force to rename the output into place") from None
         raise
 
 
-def _link(fd: int, path: str, parent: str) -> str | None:
-    """Give the unnamed file a name: ``path`` itself when free (None returned), else a temporary name."""
+def _link(fd: int, path: str, parent: str, overwrite: bool) -> str | None:
+    """Give the unnamed file a name: ``path`` itself when free (None returned). When taken: without
+    ``overwrite`` a GPDError, with it a temporary name, to be renamed over ``path``."""
     # linkat(AT_SYMLINK_FOLLOW) through /proc; os.link only passes that flag when given a src_dir_fd.
     proc = os.open("/proc/self/fd", os.O_RDONLY)
     try:
@@ -200,12 +242,22 @@ def _link(fd: int, path: str, parent: str) -> str | None:
             os.link(str(fd), path, src_dir_fd=proc, follow_symlinks=True)
             return None
         except FileExistsError:
-            pass
+            if not overwrite:
+                raise _exists(path) from None
         tmp = os.path.join(parent, f".gpd-{os.urandom(6).hex()}.tmp")
         os.link(str(fd), tmp, src_dir_fd=proc, follow_symlinks=True)
         return tmp
     finally:
         os.close(proc)
+
+
+def durable_replace(src: str, path: str) -> None:
+    """Rename ``src`` over ``path`` (atomic), and make the rename survive a power cut."""
+    try:
+        os.replace(src, path)
+    except OSError as e:
+        raise GPDError(f"cannot write {path}: {e.strerror or e}") from None
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def _fsync_dir(parent: str) -> None:
@@ -225,12 +277,19 @@ def plan_digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def save_teacher(path: str, plan: Plan, tensors: dict[str, torch.Tensor], *, durable: bool = False) -> None:
+def save_teacher(path: str, plan: Plan, tensors: dict[str, torch.Tensor], *, durable: bool = False,
+                 overwrite: bool = False) -> None:
     text = plan.to_json()
-    atomic_save(tensors, path, {PLAN_KEY: text, DIGEST_KEY: plan_digest(text)}, durable=durable)
+    atomic_save(tensors, path, {PLAN_KEY: text, DIGEST_KEY: plan_digest(text)}, durable=durable, overwrite=overwrite)
 
 
 # -- reading ------------------------------------------------------------------------------
+# Files are read with plain reads into tensors of the sizes the header states, never mapped: a file
+# truncated while it is read is a short read (one clear error), not a SIGBUS, and nothing is allocated
+# beyond what the file holds, since every tensor's bytes must lie inside it.
+MAX_HEADER = 100 << 20  # as safetensors itself: a header is JSON text, never gigabytes
+
+
 def _guard(path: str, fn: Callable[[], T]) -> T:
     """Run a safetensors read; whatever a damaged file makes it raise becomes one PlanError."""
     try:
@@ -241,33 +300,107 @@ def _guard(path: str, fn: Callable[[], T]) -> T:
         raise PlanError(f"{path} is not a readable safetensors file ({_line(e)})") from None
 
 
+def _not_safetensors(path: str, head: bytes) -> PlanError:
+    kind = ""
+    if head.startswith(b"PK\x03\x04"):
+        kind = ": it is a zip archive, as torch.save writes (load .pt weights with --weights)"
+    elif head[:1] == b"\x80":
+        kind = ": it is a pickle, as older torch.save writes (load .pt weights with --weights)"
+    return PlanError(f"{path} is not a safetensors file{kind}")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("a name appears twice")
+    return out
+
+
+def _parse_header(path: str, f: IO[bytes]) -> tuple[dict[str, str], dict[str, tuple[tuple[int, ...], str, int]], int]:
+    """Metadata, name -> (shape, dtype, start offset), and where the data begins; every entry is checked
+    against the file's size, so that the data section is exactly the tensors' bytes, back to back."""
+    size = os.fstat(f.fileno()).st_size
+    head = f.read(8)
+    if len(head) < 8:
+        raise _not_safetensors(path, head)
+    (n,) = struct.unpack("<Q", head)
+    if n > min(MAX_HEADER, size - 8) or n < 2:
+        raise _not_safetensors(path, head + f.read(8))
+    text = f.read(n)
+    if len(text) != n:
+        raise PlanError(f"{path} is truncated")
+    try:
+        obj = json.loads(text.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (ValueError, RecursionError) as e:
+        raise PlanError(f"{path} is not a safetensors file: its header is not JSON ({_line(e)})") from None
+    if not isinstance(obj, dict):
+        raise PlanError(f"{path} is not a safetensors file: its header is not a JSON object")
+    meta = obj.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise PlanError(f"{path} has malformed metadata")
+    entries: dict[str, tuple[tuple[int, ...], str, int]] = {}
+    spans = []
+    for k, e in obj.items():
+        where = f"tensor {k[:60]!r} in {path}"
+        if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
+            raise PlanError(f"{where} has a malformed entry")
+        dtype = _ST_DTYPES.get(e["dtype"]) if isinstance(e["dtype"], str) else None
+        if dtype is None:
+            raise PlanError(f"{where} has unsupported dtype {str(e['dtype'])[:20]}: gpd reads real "
+                            f"{', '.join(_ST_DTYPES)} tensors")
+        shape, offsets = e["shape"], e["data_offsets"]
+        if not (isinstance(shape, list) and len(shape) <= 16 and all(type(s) is int and 0 <= s < 2**62 for s in shape)):
+            raise PlanError(f"{where} has a malformed shape")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)):
+            raise PlanError(f"{where} has malformed data offsets")
+        nbytes = math.prod(shape) * DTYPES[dtype].itemsize
+        if offsets[1] - offsets[0] != nbytes:
+            raise PlanError(f"{where} has {offsets[1] - offsets[0]} bytes for a {dtype} tensor of shape {shape}")
+        entries[k] = (tuple(shape), dtype, offsets[0])
+        spans.append((offsets[0], offsets[1]))
+    end = 0
+    for a, b in sorted(spans):
+        if a != end:
+            raise PlanError(f"{path} is not a valid safetensors file: its tensors overlap or leave gaps")
+        end = b
+    if 8 + n + end != size:
+        raise PlanError(f"{path} is truncated" if 8 + n + end > size else
+                        f"{path} has {size - 8 - n - end} bytes after its last tensor")
+    return meta, entries, 8 + n
+
+
+def _open(path: str) -> IO[bytes]:
+    check_input_file(path)
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        raise GPDError(f"cannot read {path}: {e.strerror or e}") from None
+
+
 def read_header(path: str) -> tuple[dict[str, str], Header]:
     """Metadata and name -> (shape, dtype) of a safetensors file, without reading tensor data."""
-    check_input_file(path)
-
-    def read() -> tuple[dict[str, str], Header]:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-            header: Header = {}
-            for k in f.keys():
-                sl = f.get_slice(k)
-                dtype = _ST_DTYPES.get(sl.get_dtype())
-                if dtype is None:
-                    raise PlanError(f"tensor {k!r} in {path} has unsupported dtype {sl.get_dtype()}")
-                header[k] = (tuple(sl.get_shape()), dtype)
-        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-            raise PlanError(f"{path} has malformed metadata")
-        return meta, header
-
-    return _guard(path, read)
+    with _open(path) as f:
+        meta, entries, _ = _parse_header(path, f)
+    return meta, {k: (shape, dtype) for k, (shape, dtype, _) in entries.items()}
 
 
 def read_tensors(path: str) -> dict[str, torch.Tensor]:
-    def read() -> dict[str, torch.Tensor]:
-        with safe_open(path, framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-
-    return _guard(path, read)
+    """Every tensor of a safetensors file, read (not mapped) into memory of exactly the header's sizes."""
+    if sys.byteorder != "little":
+        raise GPDError("safetensors files are little-endian: gpd cannot read them on this machine")
+    with _open(path) as f:
+        _, entries, base = _parse_header(path, f)
+        out: dict[str, torch.Tensor] = {}
+        for k, (shape, dtype, start) in sorted(entries.items(), key=lambda kv: kv[1][2]):
+            t = torch.empty(shape, dtype=DTYPES[dtype])
+            if t.numel():
+                buf = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+                f.seek(base + start)
+                got = f.readinto(buf)
+                if got != len(buf):
+                    raise PlanError(f"{path} is truncated (it changed while it was read)")
+            out[k] = t
+    return {k: out[k] for k in entries}
 
 
 def read_plan(path: str) -> tuple[Plan, Header, dict[str, str]]:

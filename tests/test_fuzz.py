@@ -16,10 +16,11 @@ import struct
 
 import pytest
 import torch
-from hypothesis import HealthCheck, event, given, settings, strategies as st
+from hypothesis import HealthCheck, assume, event, given, settings, strategies as st
 from safetensors.torch import load as st_load, save as st_save
 from typer.testing import CliRunner
 
+from conftest import run_limited
 from gpd_surgery import io as gio
 from gpd_surgery.cli import app
 from gpd_surgery.collapse import collapse
@@ -360,3 +361,106 @@ def test_gpd_extract_on_mutants(base, data):
     small_cnn(width=4).load_state_dict(state, strict=True)
     expected = collapse(base.plan, gio.load_teacher_file(str(base.mutant))[1])
     assert all(same(state[k], v) for k, v in expected.items())
+
+
+# -- plans with huge sizes and empty tensors, run under a memory and time budget ----------------------
+# What a file holds bounds what reading it may cost: a plan of spaces up to 2^62 over tensors with no
+# elements must neither allocate (1 GiB of address space beyond the interpreter's) nor run long (20 s).
+sizes = st.integers(1, 8) | st.sampled_from([2**20, 2**27, 2**31, 2**40, 2**62])
+
+
+@st.composite
+def huge_plans(draw):
+    """A structurally valid plan whose spaces may be huge, and the tensors its file must hold."""
+    n = draw(st.integers(1, 6))
+    spaces: dict[str, dict] = {}
+    size_of: dict[int, tuple[int, int]] = {}  # space -> (student, teacher) size
+    for i in range(n):
+        size = draw(sizes)
+        if size <= 8 and draw(st.booleans()):
+            src = list(range(size)) * 2
+            spaces[str(i)] = {"size": size, "src": src}
+            size_of[i] = (size, 2 * size)
+        else:
+            spaces[str(i)] = {"size": size}
+            size_of[i] = (size, size)
+    mapped = [i for i in size_of if size_of[i][1] != size_of[i][0]] or [None]
+
+    def layout(depth=0):
+        if depth > 1 or draw(st.booleans()):
+            i = draw(st.sampled_from(sorted(size_of)))
+            return i, *size_of[i]
+        parts = [layout(depth + 1) for _ in range(draw(st.integers(1, 3)))]
+        kind = draw(st.sampled_from(["p", "c"]))
+        s = t = 1 if kind == "p" else 0
+        for _, ps, pt in parts:
+            s, t = (s * ps, t * pt) if kind == "p" else (s + ps, t + pt)
+        return {kind: [p for p, _, _ in parts]}, s, t
+
+    recipes, tensors, branches = [], {}, {}
+    for k in range(draw(st.integers(1, 4))):
+        ndim = draw(st.integers(1, 4))
+        shape, tshape, dims = [], [], []
+        for d in range(ndim):
+            if mapped[0] is not None and draw(st.booleans()):
+                lay, s, t = layout()
+                if mapped[0] not in _ids(lay):  # every widened dim needs a map in its layout
+                    lay = {"p": [lay, mapped[0]]}
+                    s, t = s * size_of[mapped[0]][0], t * size_of[mapped[0]][1]
+                if s >= 2**62 or t >= 2**62:
+                    continue
+                dims.append([d, lay, draw(st.sampled_from(["copy", "share"]))])
+                shape.append(s)
+                tshape.append(t)
+            else:
+                size = draw(sizes)
+                shape.append(size)
+                tshape.append(size)
+        ndim = len(shape)
+        dims = [[d, lay, mode] for d, lay, mode in dims if d < ndim]
+        if math.prod(tshape) * 4 > 1 << 16:  # a file may not hold gigabytes: empty it along a plain dim
+            plain = [d for d in range(ndim) if d not in {e[0] for e in dims}]
+            if not plain:
+                continue
+            shape[plain[0]] = tshape[plain[0]] = 0
+        key = f"m{k}.weight"
+        recipes.append({"key": key, "kind": "param", "shape": shape, "dtype": "float32", "teacher": True,
+                        "dims": dims})
+        tensors[key] = torch.zeros(tshape)
+        if ndim == 4 and draw(st.booleans()):
+            kinds = draw(st.lists(st.sampled_from(["1x1", "kxk", "avg", "1x1-kxk"]), min_size=1, max_size=2,
+                                  unique=True))
+            if "1x1-kxk" in kinds and tshape[1] * tshape[1] * 4 > 1 << 16:
+                kinds.remove("1x1-kxk")
+            if kinds:
+                from gpd_surgery.branches import branch_shapes
+
+                branches[key] = kinds
+                for kind in kinds:
+                    for name, bshape in branch_shapes(kind, tuple(tshape)).items():
+                        tensors[f"m{k}." + name] = torch.zeros(bshape)
+    assume(recipes)
+    obj = {"format": "gpd-surgery/teacher", "version": 2, "ratio": 2.0, "seed": 0, "equal_shares": False,
+           "source": {}, "spaces": spaces, "tensors": recipes, "report": {}, "branches": branches}
+    return obj, tensors
+
+
+def _ids(lay):
+    return [lay] if isinstance(lay, int) else [i for p in next(iter(lay.values())) for i in _ids(p)]
+
+
+@fuzz(20)
+@given(case=huge_plans())
+def test_huge_plans_stay_within_budget(tmp_path_factory, case):
+    obj, tensors = case
+    folder = tmp_path_factory.mktemp("huge")
+    text = json.dumps(obj)
+    path = folder / "t.safetensors"
+    path.write_bytes(st_save(tensors, {gio.PLAN_KEY: text, gio.DIGEST_KEY: gio.plan_digest(text)}))
+    for args in (["extract", path, "-o", folder / "s.safetensors"], ["inspect", path, "--json"]):
+        code, out = run_limited(args, memory=1 << 30, seconds=20)
+        assert code in (0, 2), (args[0], code, out[-2000:])
+        event(f"{args[0]}: exit {code}")
+        if code == 2:
+            lines = out.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("error: "), out
