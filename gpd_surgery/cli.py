@@ -11,6 +11,7 @@ import traceback
 from collections import Counter
 from typing import Any, Callable, List, Optional
 
+import torch
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -69,9 +70,18 @@ def _run(debug: bool, fn: Callable[[], int | None]) -> None:
     except Exception as e:
         if debug:
             raise
-        what = "out of memory" if isinstance(e, MemoryError) else "internal error"
-        _fail(f"{what}: {type(e).__name__}: {e} (rerun with --debug for the traceback, and report it)", 3)
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        if _out_of_memory(e):  # the machine's limit, not a bug: the checks before allocating estimate, not promise
+            _fail(f"out of memory ({first}): free memory, or use a smaller --ratio, --input-shape or model", 2)
+        _fail(f"internal error: {type(e).__name__}: {first} (rerun with --debug for the traceback, and report it)", 3)
     raise typer.Exit(code or 0)
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in text or "not enough memory" in text)
 
 
 def _fail(message: str, code: int) -> None:
@@ -85,11 +95,14 @@ def _safe(text: Any) -> str:
     return escape(text)
 
 
-def _student(model: str, weights: Optional[str], model_args: dict[str, Any], trust_pickle: bool) -> Any:
+def _student(model: str, weights: Optional[str], model_args: dict[str, Any], trust_pickle: bool,
+             plan: Any = None) -> Any:
+    """The student; with a teacher's ``plan``, checked against the shapes it records before it is allocated."""
     if not model.startswith(("torchvision:", "timm:")):  # those import nothing from the current directory
         _cwd_on_path()
+    expect = None if plan is None else {r.key: r.shape for r in plan.recipes}
     try:
-        m = load_model(model, model_args, trust_pickle=trust_pickle)
+        m = load_model(model, model_args, trust_pickle=trust_pickle, expect=expect)
     except GPDError:
         raise
     except Exception as e:  # the factory's own complaint about its arguments, e.g. a negative width
@@ -262,7 +275,7 @@ def verify(
             step("finding the student weights" if weights is None else f"checking {weights}")
             used = _verify_weights(plan, teacher, weights)
             step(f"loading {model}" + (f" with {used}" if used else ""))
-            student = _student(model, used, args, trust_pickle)
+            student = _student(model, used, args, trust_pickle, plan)
             shape = parse_shape(input_shape) if input_shape else None
             from .verify import verify as run_verify
 
@@ -644,7 +657,7 @@ def train(
             size = image_size or (planned[-1] if len(planned) == 4 else (32 if data == "synthetic" else 224))
             shape = (1, 3, size, size)
             step(f"loading {model}")
-            student = _student(model, None if resume else weights, args, trust_pickle)
+            student = _student(model, None if resume else weights, args, trust_pickle, plan)
             step(f"loading the data ({data})")
             if data == "synthetic":
                 k = gt.num_outputs(student, shape)

@@ -13,6 +13,7 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import GPDError
+from .memory import check_memory
 
 INIT_SEED = 0  # models are built under a fixed seed so that `verify` rebuilds the same random student
 MAX_DIM = 2**31 - 1  # torch's sizes are int64, but kernels index int32 in places
@@ -52,18 +53,20 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def load_model(spec: str, model_args: dict[str, Any] | None = None, *, trust_pickle: bool = False) -> nn.Module:
-    """Build the student named by ``spec`` (random init, eval mode, seeded)."""
+def load_model(spec: str, model_args: dict[str, Any] | None = None, *, trust_pickle: bool = False,
+               expect: dict[str, tuple[int, ...]] | None = None) -> nn.Module:
+    """Build the student named by ``spec`` (random init, eval mode, seeded). ``expect``: the state dict's
+    shapes a teacher's plan records, checked on the meta device before anything is allocated."""
     model_args = dict(model_args or {})
     torch.manual_seed(INIT_SEED)
     if spec.endswith((".pt", ".pth")) and ":" not in os.path.basename(spec):
         model = _load_pickled(spec, trust_pickle)
     elif spec.startswith("torchvision:"):
-        model = _torchvision(spec.split(":", 1)[1], model_args)
+        model = _torchvision(spec.split(":", 1)[1], model_args, expect)
     elif spec.startswith("timm:"):
-        model = _timm(spec.split(":", 1)[1], model_args)
+        model = _timm(spec.split(":", 1)[1], model_args, expect)
     elif ":" in spec:
-        model = _factory(spec, model_args)
+        model = _factory(spec, model_args, expect)
     else:
         raise GPDError(
             f"unknown MODEL spec {spec!r}: use torchvision:NAME, timm:NAME, module.path:callable or a .pt/.pth file"
@@ -73,7 +76,7 @@ def load_model(spec: str, model_args: dict[str, Any] | None = None, *, trust_pic
     return model.eval()
 
 
-def _torchvision(name: str, kwargs: dict[str, Any]) -> nn.Module:
+def _torchvision(name: str, kwargs: dict[str, Any], expect: Any = None) -> nn.Module:
     try:
         import torchvision
     except ImportError:
@@ -82,18 +85,19 @@ def _torchvision(name: str, kwargs: dict[str, Any]) -> nn.Module:
         raise GPDError(f"torchvision has no model {name!r} (see torchvision.models.list_models())")
     if name in ("googlenet", "inception_v3"):
         kwargs.setdefault("init_weights", True)  # silences the init warning; random weights either way
-    return _build(f"torchvision:{name}", lambda: torchvision.models.get_model(name, weights=None, **kwargs), kwargs)
+    return _build(f"torchvision:{name}", lambda: torchvision.models.get_model(name, weights=None, **kwargs), kwargs,
+                  expect)
 
 
-def _timm(name: str, kwargs: dict[str, Any]) -> nn.Module:
+def _timm(name: str, kwargs: dict[str, Any], expect: Any = None) -> nn.Module:
     try:
         import timm
     except ImportError:
         raise GPDError("timm is not installed: pip install timm") from None
-    return _build(f"timm:{name}", lambda: timm.create_model(name, pretrained=False, **kwargs), kwargs)
+    return _build(f"timm:{name}", lambda: timm.create_model(name, pretrained=False, **kwargs), kwargs, expect)
 
 
-def _factory(spec: str, kwargs: dict[str, Any]) -> nn.Module:
+def _factory(spec: str, kwargs: dict[str, Any], expect: Any = None) -> nn.Module:
     module_name, _, attr = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -108,17 +112,45 @@ def _factory(spec: str, kwargs: dict[str, Any]) -> nn.Module:
             raise GPDError(f"module {module_name!r} has no attribute {attr!r}")
     if not callable(factory):
         raise GPDError(f"{spec} is not callable")
-    return _build(spec, lambda: factory(**kwargs), kwargs)
+    return _build(spec, lambda: factory(**kwargs), kwargs, expect)
 
 
-def _build(spec: str, make: Any, kwargs: dict[str, Any]) -> nn.Module:
-    """Building runs the user's (or a library's) code on the user's arguments: its failures are user errors."""
+def _build(spec: str, make: Any, kwargs: dict[str, Any], expect: dict[str, tuple[int, ...]] | None = None
+           ) -> nn.Module:
+    """Building runs the user's (or a library's) code on the user's arguments: its failures are user errors.
+    The model is first built on the meta device (sizes, no data), so that arguments asking for more memory
+    than is free, or (with ``expect``) for another model than a plan's (a recorded ``width`` of 6000), are
+    refused before they allocate anything."""
+    meta = _on_meta_device(make)
+    if meta is not None:
+        if expect is not None:
+            shapes = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
+            wrong = next((k for k in expect if shapes.get(k, expect[k]) != expect[k]), None)
+            if wrong is not None or set(shapes) != set(expect):
+                what = (f"{wrong} is {list(shapes[wrong])} in the model, {list(expect[wrong])} in the plan" if wrong
+                        else "their tensors have other names")
+                raise GPDError(f"the teacher was not made from {spec} with {kwargs} ({what})")
+        size = sum(t.numel() * t.element_size() for t in [*meta.parameters(), *meta.buffers()])
+        check_memory(size, None, f"building {spec} with {kwargs}", "use smaller --model-arg values")
     try:
         return make()
     except TypeError as e:
         raise GPDError(f"{spec} rejected the model arguments {kwargs}: {e}") from None
     except Exception as e:
         raise GPDError(f"{spec} could not be built with {kwargs}: {type(e).__name__}: {e}") from None
+
+
+def _on_meta_device(make: Any) -> nn.Module | None:
+    """The model ``make`` builds, on the meta device: sizes without data (None where it cannot be built so)."""
+    rng = torch.get_rng_state()
+    try:
+        with torch.device("meta"):
+            model = make()
+        return model if isinstance(model, nn.Module) else None
+    except Exception:  # data-dependent construction: the real build will say what is wrong
+        return None
+    finally:
+        torch.set_rng_state(rng)  # the real build draws the same random student as before
 
 
 def _load_pickled(path: str, trust_pickle: bool) -> nn.Module:

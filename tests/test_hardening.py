@@ -315,3 +315,52 @@ def test_cli_says_when_the_output_ignores_the_input(tmp_path, monkeypatch):
     r = gpd("verify", "zero_head_models:make", tmp_path / "t.safetensors", "--device", "cpu")
     assert r.exit_code == 0, r.output
     assert "does not depend on its input" in r.output and "nodes" in r.output
+
+
+def test_model_args_in_a_plan_are_checked_before_the_model_is_allocated(small, tmp_path):
+    """A recorded width of 6000 built a 2.4 GB student before failing: now refused from a meta-device build."""
+    d, _, weights = small
+    bad = forge(d / "t.safetensors", tmp_path / "t.safetensors", lambda o: o["source"].update(model_args={"width": 6000}))
+    t0 = time.perf_counter()
+    line = exits_2(*run_limited(["verify", bad, "--device", "cpu"], memory=256 << 20))
+    assert "not made from" in line and "6000" in line and time.perf_counter() - t0 < 20
+
+
+def test_running_out_of_memory_is_exit_2_not_a_bug(small, tmp_path, monkeypatch):
+    d, _, _ = small
+
+    def boom(path):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried "
+                           "to allocate 268435456 bytes.\nmore lines")
+
+    monkeypatch.setattr(api, "extract", boom)
+    r = gpd("extract", d / "t.safetensors", "-o", tmp_path / "s.safetensors")
+    line = exits_2(r.exit_code, r.output)
+    assert line.startswith("error: out of memory") and "--ratio" in line
+
+
+# -- plan format versions ------------------------------------------------------------------------------
+DATA = os.path.join(os.path.dirname(__file__), "data")
+
+
+def test_a_version_1_teacher_still_extracts_bit_for_bit(tmp_path):
+    """tests/data/teacher_v1.safetensors: a trained teacher (branches, ratio 1.5) written by plan format v1,
+    and the student that version extracted from it."""
+    r = gpd("extract", os.path.join(DATA, "teacher_v1.safetensors"), "-o", tmp_path / "s.safetensors")
+    assert r.exit_code == 0, r.output
+    ours, then = gio.read_tensors(str(tmp_path / "s.safetensors")), gio.read_tensors(os.path.join(DATA, "student_v1.safetensors"))
+    assert list(ours) == list(then) and all(torch.equal(ours[k], then[k]) for k in then)
+    meta, _ = gio.read_header(os.path.join(DATA, "teacher_v1.safetensors"))
+    assert json.loads(meta[gio.PLAN_KEY])["version"] == 1
+
+
+def test_a_version_1_teacher_verifies_from_its_plan_alone():
+    r = gpd("verify", os.path.join(DATA, "teacher_v1.safetensors"), "--trained", "--device", "cpu", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["passed"]
+
+
+def test_new_teachers_are_version_2(small):
+    d, _, _ = small
+    meta, _ = gio.read_header(str(d / "t.safetensors"))
+    assert json.loads(meta[gio.PLAN_KEY])["version"] == 2
