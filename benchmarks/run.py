@@ -256,7 +256,8 @@ def main() -> int:
         for name, fixture in fx.items():
             print(f"  verify {name} x{args.verify_reps} ({args.verify_inputs} input)", flush=True)
             runs = [work("verify", {**fixture, "inputs": args.verify_inputs}, load) for _ in range(args.verify_reps)]
-            phases = ["load", "trace", "propagate", "analyse", "plan", "teacher", "forward_ir", "extraction", "other"]
+            phases = ["load", "trace", "propagate", "analyse", "plan", "teacher", "student_forward", "inside",
+                      "forward_ir", "extraction", "other"]
             split = phase_stats(runs, phases)
             groups = {
                 "tracing (trace, shape propagation, analysis, plan check)":
@@ -264,7 +265,9 @@ def main() -> int:
                           for r in runs]),
                 "teacher rebuilds and casts, student copies, the rest":
                     Stat([sum(r["phases"].get(ph, 0.0) for ph in ("teacher", "other")) for r in runs]),
-                "forward passes (teacher = student, float32 + float64)": split["forward_ir"],
+                "forward passes (student, teacher = student, float32 + float64)":
+                    Stat([sum(r["phases"].get(ph, 0.0) for ph in ("student_forward", "forward_ir")) for r in runs]),
+                "comparison inside (every node, float32 + float64)": split["inside"],
                 "extraction check (collapse, view and student forwards)": split["extraction"],
             }
             rows.append(Row("verify", f"{name} total", stat(runs, "seconds"), None, ".2f", " s"))

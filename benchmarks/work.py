@@ -198,7 +198,8 @@ def verify(a: dict[str, Any]) -> dict[str, Any]:
     peak, clock = Peak(), Clock()
     for module, name, phase in [(gexpand, "trace", "trace"), (gexpand, "propagate", "propagate"),
                                 (gexpand, "analyse", "analyse"), (gverify, "make_plan", "plan"),
-                                (gverify, "build_teacher", "teacher"), (gverify, "_compare_placed", "forward_ir"),
+                                (gverify, "build_teacher", "teacher"), (gverify, "_run_outputs", "student_forward"),
+                                (gverify, "compare_inside", "inside"), (gverify, "_compare_placed", "forward_ir"),
                                 (gverify, "extraction_check", "extraction")]:
         _wrap(module, name, clock, phase)
     t0 = time.perf_counter()

@@ -176,30 +176,42 @@ def _check(device: str, dtype: torch.dtype, max_abs: float, scale: float, tol: f
     return Check(device, str(dtype).replace("torch.", ""), max_abs, rel, tol, bool(rel <= tol), **extra)
 
 
-def _compare_placed(a: nn.Module, b: nn.Module, inputs: Iterable[torch.Tensor], device: str,
+Outputs = Callable[[int, torch.Tensor], list[torch.Tensor]]  # (input index, input) -> output tensors
+
+
+def _compare_placed(a: nn.Module | Outputs, b: nn.Module | Outputs, inputs: Iterable[torch.Tensor], device: str,
                     dtype: torch.dtype, reference: list[list[torch.Tensor]] | None = None) -> Check:
-    """Relative to ``a``'s largest output, the largest difference of ``b``'s outputs: modules already placed.
-    ``reference``: per input, the student's own outputs; a value that is finite there must be finite in
-    both ``a`` and ``b`` (two NaN students are not "equal")."""
+    """Relative to ``a``'s largest output, the largest difference of ``b``'s outputs: modules already placed,
+    or functions giving the outputs of input ``i`` (outputs computed already). ``reference``: per input, the
+    student's own outputs; a value that is finite there must be finite in both (two NaN students are not
+    "equal")."""
+    fa, fb = (_as_outputs(m) for m in (a, b))
     max_abs, scale = 0.0, 0.0
+    broken = Check(device, str(dtype).replace("torch.", ""), math.nan, math.nan, TOLERANCE[dtype], False)
     with torch.no_grad(), _no_tf32():
         for i, x in enumerate(inputs):
             x = x.to(device=device, dtype=dtype)
             ref = reference[i] if reference is not None else None
-            ya_all, yb_all = _outputs(a(x)), _outputs(b(x))
+            ya_all, yb_all = fa(i, x), fb(i, x)
             if len(ya_all) != len(yb_all):
-                return Check(device, str(dtype).replace("torch.", ""), math.nan, math.nan, TOLERANCE[dtype], False)
+                return broken
             for j, (ya, yb) in enumerate(zip(ya_all, yb_all)):
                 if ya.shape != yb.shape:
-                    return Check(device, str(dtype).replace("torch.", ""), math.nan, math.nan, TOLERANCE[dtype], False)
+                    return broken
                 if not ya.is_floating_point():
                     ya, yb = ya.double(), yb.double()
                 finite = torch.isfinite(ref[j].to(ya.device)) if ref is not None and ref[j].shape == ya.shape else None
-                if finite is not None:
+                if finite is not None and ref[j] is not ya:
                     max_abs = _worse(max_abs, difference(ya, ya, finite))  # ``a`` itself broken
                 max_abs = _worse(max_abs, difference(ya, yb, finite))
                 scale = max(scale, _scale(ya))
     return _check(device, dtype, max_abs, scale, TOLERANCE[dtype])
+
+
+def _as_outputs(m: nn.Module | Outputs) -> Outputs:
+    if isinstance(m, nn.Module):
+        return lambda i, x: _outputs(m(x))
+    return m
 
 
 class _no_tf32:
@@ -295,21 +307,23 @@ def _student_node(student: Student, name: str) -> fx.Node:
 
 
 def compare_inside(student: Student, maps: Maps, student_gm: fx.GraphModule, teacher: fx.GraphModule,
-                   x: torch.Tensor, device: str, dtype: torch.dtype) -> tuple[Check, dict[str, Any] | None]:
+                   x: torch.Tensor, device: str, dtype: torch.dtype
+                   ) -> tuple[Check, dict[str, Any] | None, list[torch.Tensor]]:
     """The activation invariant at every node: each copy of a student channel in the teacher holds the
     student's activation. ``student_gm`` and ``teacher`` are placed in ``dtype`` on ``device``. Returns the
-    check and the first node (in graph order) where it fails."""
+    check, the first node (in graph order) where it fails, and the teacher's outputs (so that the output
+    check need not run the teacher on this input again)."""
     tol = INSIDE_TOLERANCE[dtype]
     with torch.no_grad(), _no_tf32():
         x = x.to(device=device, dtype=dtype)
         record = _Record(student_gm, student.analysis.dims)
         record.run(x)
         inside = _Inside(teacher, student, maps, record, tol)
-        inside.run(x)
+        out = _outputs(inside.run(x))
         record.values.clear()
     check = Check(device, str(dtype).replace("torch.", ""), inside.max_abs, inside.max_rel, tol,
                   inside.first is None, nodes=inside.nodes, worst=inside.worst)
-    return check, inside.first
+    return check, inside.first, out
 
 
 def localize(student: Student, maps: Maps, teacher: fx.GraphModule, x: torch.Tensor) -> dict[str, Any] | None:
@@ -406,21 +420,25 @@ def verify(model: nn.Module, plan: Plan, tensors: dict[str, torch.Tensor], input
     for dev in devices(device):
         for dt in (torch.float32, torch.float64):
             name = f"{dev} {str(dt).replace('torch.', '')}"
-            step(f"teacher = student ({name})")
+            step(f"building the teacher ({name})")
             # One teacher in this dtype at a time, made from the file's tensors (a float64 teacher of a
             # 300M-parameter model is 2.4 GB): never a copy of another teacher.
             placed = build_teacher(student, maps, tensors, plan.branches).to(device=dev, dtype=dt).eval()
             s_model = _placed(model, dev, dt)
             reference = _run_outputs(s_model, inputs, dev, dt)
-            constant = constant or (dt == torch.float64 and is_constant(reference))
-            checks.append(_compare_placed(s_model, placed, inputs, dev, dt, reference))
             del s_model
+            constant = constant or (dt == torch.float64 and is_constant(reference))
+            known: dict[int, list[torch.Tensor]] = {}
             if not trained:
                 step(f"teacher = student inside ({name})")
-                check, first = compare_inside(student, maps, _placed(student.gm, dev, dt), placed, inputs[0], dev, dt)
+                check, first, known[0] = compare_inside(student, maps, _placed(student.gm, dev, dt), placed, inputs[0],
+                                                        dev, dt)
                 inside.append(check)
                 if first is not None:
                     firsts.append((dt == torch.float64 and dev == "cpu", {**first, "device": dev, "dtype": check.dtype}))
+            step(f"teacher = student ({name})")
+            teacher_out: Outputs = lambda i, x: known.pop(i) if i in known else _outputs(placed(x))  # noqa: B023
+            checks.append(_compare_placed(lambda i, x: reference[i], teacher_out, inputs, dev, dt, reference))
             step(f"extracted = student view ({name})")
             extraction.append(extraction_check(model, plan, tensors, placed, student, inputs, dev, dt, reference))
             del placed
