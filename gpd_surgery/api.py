@@ -1,4 +1,8 @@
-"""The Python API: the same operations as the CLI, on modules and files."""
+"""The Python API: the same operations as the CLI, on modules and files.
+
+``plan_expansion`` (`gpd plan`), ``expand`` (`gpd expand`), ``verify`` (`gpd verify`), ``extract``
+(`gpd extract`), ``inspect`` (`gpd inspect`); `gpd train` is ``gpd_surgery.train.train``.
+"""
 from __future__ import annotations
 
 import math
@@ -102,9 +106,18 @@ def extract(path: str) -> dict[str, torch.Tensor]:
 
 
 def verify(model: nn.Module, path: str, input_shape: tuple[int, ...] | None = None, device: str | None = None,
-           n_inputs: int = 3) -> Report:
+           n_inputs: int = 3, *, trained: bool = False) -> Report:
+    """`gpd verify`: the teacher file at ``path`` against the student ``model`` (outputs, every node inside, and
+    the extraction); ``trained``: the teacher was trained, so only the extraction check decides."""
     plan, tensors = load_teacher_file(path)
-    return _verify(model, plan, tensors, input_shape, device, n_inputs)
+    return _verify(model, plan, tensors, input_shape, device, n_inputs, trained=trained)
+
+
+def inspect(path: str) -> dict[str, Any]:
+    """`gpd inspect`: what a teacher or student file holds, from its header (no tensor data read)."""
+    from .report import inspect_file
+
+    return inspect_file(path)
 
 
 def summarize(plan: Plan, tensors: dict[str, torch.Tensor], seconds: float | None = None) -> dict[str, Any]:

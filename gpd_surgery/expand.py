@@ -16,9 +16,9 @@ from .errors import GPDError
 from .layout import Cat
 from .maps import Maps, leaf_src, teacher_size, whole_tiles
 from .memory import check_memory, fmt_bytes
-from .plan import DTYPE_NAMES, MAX_RATIO, STUDENT_PREFIX, Plan, Recipe
+from .limits import MAX_RATIO, MAX_TEACHER_BYTES
+from .plan import DTYPE_NAMES, STUDENT_PREFIX, Plan, Recipe
 
-MAX_TEACHER_BYTES = 2**50  # 1 PiB: no machine holds it, and sizes stay far from int64 limits
 from .rules import conv, linear, lookup
 from .trace import forward_bytes, propagate, trace
 

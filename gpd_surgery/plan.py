@@ -15,9 +15,10 @@ from typing import Any
 
 import torch
 
-from .errors import PlanError
+from .errors import PlanError, first_line
 from .layout import Cat, Layout, Prod
 from .branches import branch_shapes
+from .limits import MAX_DEPTH, MAX_DIMS, MAX_INPUT, MAX_INT, MAX_PARTS, MAX_RATIO, MAX_SEED
 from .maps import Maps, teacher_size
 
 FORMAT = "gpd-surgery/teacher"
@@ -104,7 +105,7 @@ class Plan:
         try:
             obj = json.loads(text)
         except (ValueError, RecursionError) as e:  # ValueError also covers integers too long to convert
-            raise PlanError(f"the plan is not valid JSON ({str(e).splitlines()[0][:200]})") from None
+            raise PlanError(f"the plan is not valid JSON ({first_line(e)})") from None
         return _parse(obj)
 
     def file_tensors(self) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -143,16 +144,6 @@ def _lay_to_json(lay: Layout) -> Any:
 
 
 # -- validation ---------------------------------------------------------------------------
-# Bounds keep every number a plan can carry within what torch's int64 indexing and seeding accept.
-MAX_INT = 2**62
-MAX_SEED = 2**32 - 1
-MAX_DIMS = 8
-MAX_DEPTH = 64
-MAX_PARTS = 4096  # spaces in one layout: real ones have a few (groups x channels), concatenations dozens
-MAX_INPUT = 2**31  # elements of the recorded input shape (memory is checked again before any forward)
-MAX_RATIO = 64.0  # a wider teacher would not train on any machine; bounds the maps built from a ratio
-
-
 def _need(cond: bool, msg: str) -> None:
     if not cond:
         raise PlanError(f"invalid plan: {msg}")

@@ -14,11 +14,10 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import GPDError
+from .limits import MAX_DIM, MAX_INPUT_ELEMENTS
 from .memory import check_memory
 
 INIT_SEED = 0  # models are built under a fixed seed so that `verify` rebuilds the same random student
-MAX_DIM = 2**31 - 1  # torch's sizes are int64, but kernels index int32 in places
-MAX_INPUT_ELEMENTS = 2**36  # 256 GiB of float32: memory is checked against the machine before any forward
 
 
 @dataclass(frozen=True)

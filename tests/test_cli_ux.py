@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 import gpd_surgery
 from conftest import randomize
-from gpd_surgery import cli
+from gpd_surgery.cli import common as cli
 from gpd_surgery.cli import app
 from gpd_surgery.examples import small_cnn
 
@@ -175,7 +175,7 @@ def test_default_outputs_are_named_after_the_input_and_never_overwritten(tmp_pat
     (["w.teacher.safetensors"], MODEL, "teacher", "w.teacher.teacher.safetensors"),  # never the input itself
 ])
 def test_default_output_names(inputs, spec, kind, want):
-    assert cli._default_output(inputs, spec, kind) == want
+    assert cli.default_output(inputs, spec, kind) == want
 
 
 # -- 4. .pt files and weights that are not plain state dicts ----------------------------------------
