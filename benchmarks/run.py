@@ -32,7 +32,22 @@ TRAIN_MODELS = [  # (label, arch, image side)
     ("resnet18 64x64", "resnet18", 64),
     ("ViT-Ti/16 112x112", "vit_tiny", 112),
 ]
-TARGETS = {"expand_time": 2.0, "expand_peak": 1.5, "extract_time": 1.5, "train_step": 1.15}
+TARGETS = {"expand_time": 2.0, "expand_peak": 1.5, "extract_time": 1.5, "train_step": 1.15, "startup": 1.3}
+
+
+def startup(reps: int, load: "Load") -> tuple[Stat, Stat]:
+    """Wall time of `gpd --help` and of `python -c "import torch"`, alternating, each a fresh process: the CLI
+    must not pay for torch.fx's rules, torchvision or timm before it does any work."""
+    gpd = [sys.executable, "-c", "import sys; sys.argv = ['gpd', '--help']; from gpd_surgery.cli import main; main()"]
+    plain = [sys.executable, "-c", "import torch"]
+    times: dict[str, list[float]] = {"gpd": [], "torch": []}
+    for _ in range(reps):
+        for name, cmd in (("gpd", gpd), ("torch", plain)):
+            load.sample()
+            t0 = time.perf_counter()
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            times[name].append(time.perf_counter() - t0)
+    return Stat(times["gpd"]), Stat(times["torch"])
 
 
 # -- machine ---------------------------------------------------------------------------------------------
@@ -200,7 +215,8 @@ def main() -> int:
     p.add_argument("--ratio", type=float, default=2.0)
     p.add_argument("--threads", type=int, default=1,
                    help="intra-op threads of every measured process (0: torch's default); see docs/performance.md")
-    p.add_argument("--only", default="expand,extract,verify,train")
+    p.add_argument("--startup-reps", type=int, default=5, help="runs of `gpd --help` and of `import torch`")
+    p.add_argument("--only", default="startup,expand,extract,verify,train")
     p.add_argument("--build", default=os.path.join(ROOT, "build", "bench"))
     p.add_argument("--doc", default=os.path.join(ROOT, "docs", "performance.md"),
                    help="document to write the results into ('' to skip)")
@@ -275,6 +291,12 @@ def main() -> int:
             for label, s in groups.items():
                 rows.append(Row("verify", f"{name} {label}", s, None, ".2f", " s"))
             details[f"verify {name}"] = {"tool": split}
+
+    if "startup" in only:
+        print(f"  startup: gpd --help and python -c 'import torch', alternating x{args.startup_reps}", flush=True)
+        gpd, torch_only = startup(args.startup_reps, load)
+        rows.append(Row("startup", "gpd --help", gpd, torch_only, ".2f", " s", "python -c 'import torch'",
+                        TARGETS["startup"]))
 
     if "train" in only:
         for label, arch, image in TRAIN_MODELS:

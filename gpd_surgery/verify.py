@@ -151,6 +151,9 @@ def difference(ref: torch.Tensor, got: torch.Tensor, finite: torch.Tensor | None
     """Largest ``|got - ref|``, or NaN where ``got`` is not finite although ``finite`` (default: ``ref``'s
     own finiteness) says the value should be: a NaN never compares equal, and never hides in a max."""
     if finite is None:
+        fast = float(torch.linalg.vector_norm(got - ref, ord=math.inf)) if got.numel() else 0.0
+        if math.isfinite(fast):  # then neither side holds a NaN or an inf: the common case, in two passes
+            return fast
         finite = torch.isfinite(ref)
     ok = torch.isfinite(got)
     if bool((finite & ~ok).any()) or bool((~finite & ok & ~torch.isfinite(ref)).any()):
@@ -167,7 +170,13 @@ def _worse(a: float, b: float) -> float:
 
 
 def _scale(t: torch.Tensor) -> float:
-    finite = t[torch.isfinite(t)] if t.is_floating_point() else t
+    """The largest finite magnitude in ``t``."""
+    if not t.numel():
+        return 0.0
+    top = float(torch.linalg.vector_norm(t.double() if not t.is_floating_point() else t, ord=math.inf))
+    if math.isfinite(top):
+        return top
+    finite = t[torch.isfinite(t)]
     return float(finite.abs().max()) if finite.numel() else 0.0
 
 
@@ -242,15 +251,25 @@ class _Record(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, dims: dict[str, Any]) -> None:
         super().__init__(gm)
         self.keep = {n for n in _activations(gm) if isinstance(dims.get(n), list)}
+        self.changed = {n.name for n in gm.graph.nodes if any(_in_place(u, gm) for u in n.users)}
         self.values: dict[str, torch.Tensor] = {}
         self.scales: dict[str, float] = {}
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
         if n.name in self.keep and isinstance(out, torch.Tensor) and out.is_floating_point():
-            self.values[n.name] = out.clone()  # a later in-place op (ReLU(inplace=True)) would change it
+            self.values[n.name] = out.clone() if n.name in self.changed else out
             self.scales[n.name] = _scale(out)
         return out
+
+
+def _in_place(n: fx.Node, gm: fx.GraphModule) -> bool:
+    """Whether ``n`` may write into its input (ReLU(inplace=True), x.add_(y)): then the value recorded before
+    it must be a copy. A miss would make a correct teacher fail, never a wrong one pass."""
+    if n.op == "call_module":
+        return bool(getattr(gm.get_submodule(str(n.target)), "inplace", False))
+    name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+    return bool(n.kwargs.get("inplace")) or (name.endswith("_") and not name.endswith("__"))
 
 
 class _Inside(fx.Interpreter):
@@ -308,22 +327,22 @@ def _student_node(student: Student, name: str) -> fx.Node:
 
 def compare_inside(student: Student, maps: Maps, student_gm: fx.GraphModule, teacher: fx.GraphModule,
                    x: torch.Tensor, device: str, dtype: torch.dtype
-                   ) -> tuple[Check, dict[str, Any] | None, list[torch.Tensor]]:
+                   ) -> tuple[Check, dict[str, Any] | None, list[torch.Tensor], list[torch.Tensor]]:
     """The activation invariant at every node: each copy of a student channel in the teacher holds the
     student's activation. ``student_gm`` and ``teacher`` are placed in ``dtype`` on ``device``. Returns the
-    check, the first node (in graph order) where it fails, and the teacher's outputs (so that the output
-    check need not run the teacher on this input again)."""
+    check, the first node (in graph order) where it fails, and the student's and the teacher's outputs (so
+    that the output check need not run either again on this input)."""
     tol = INSIDE_TOLERANCE[dtype]
     with torch.no_grad(), _no_tf32():
         x = x.to(device=device, dtype=dtype)
         record = _Record(student_gm, student.analysis.dims)
-        record.run(x)
+        student_out = _outputs(record.run(x))
         inside = _Inside(teacher, student, maps, record, tol)
-        out = _outputs(inside.run(x))
+        teacher_out = _outputs(inside.run(x))
         record.values.clear()
     check = Check(device, str(dtype).replace("torch.", ""), inside.max_abs, inside.max_rel, tol,
                   inside.first is None, nodes=inside.nodes, worst=inside.worst)
-    return check, inside.first, out
+    return check, inside.first, student_out, teacher_out
 
 
 def localize(student: Student, maps: Maps, teacher: fx.GraphModule, x: torch.Tensor) -> dict[str, Any] | None:
@@ -424,19 +443,22 @@ def verify(model: nn.Module, plan: Plan, tensors: dict[str, torch.Tensor], input
             # One teacher in this dtype at a time, made from the file's tensors (a float64 teacher of a
             # 300M-parameter model is 2.4 GB): never a copy of another teacher.
             placed = build_teacher(student, maps, tensors, plan.branches).to(device=dev, dtype=dt).eval()
-            s_model = _placed(model, dev, dt)
-            reference = _run_outputs(s_model, inputs, dev, dt)
-            del s_model
-            constant = constant or (dt == torch.float64 and is_constant(reference))
+            # The comparison inside runs student and teacher on the first input and gives their outputs too; the
+            # original model runs on the others (the extraction check runs it on every input).
             known: dict[int, list[torch.Tensor]] = {}
+            reference: list[list[torch.Tensor]] = []
             if not trained:
                 step(f"teacher = student inside ({name})")
-                check, first, known[0] = compare_inside(student, maps, _placed(student.gm, dev, dt), placed, inputs[0],
-                                                        dev, dt)
+                check, first, s_out, known[0] = compare_inside(student, maps, _placed(student.gm, dev, dt), placed,
+                                                               inputs[0], dev, dt)
+                reference.append(s_out)
                 inside.append(check)
                 if first is not None:
                     firsts.append((dt == torch.float64 and dev == "cpu", {**first, "device": dev, "dtype": check.dtype}))
             step(f"teacher = student ({name})")
+            if len(reference) < len(inputs):
+                reference += _run_outputs(_placed(model, dev, dt), inputs[len(reference):], dev, dt)
+            constant = constant or (dt == torch.float64 and is_constant(reference))
             teacher_out: Outputs = lambda i, x: known.pop(i) if i in known else _outputs(placed(x))  # noqa: B023
             checks.append(_compare_placed(lambda i, x: reference[i], teacher_out, inputs, dev, dt, reference))
             step(f"extracted = student view ({name})")
