@@ -29,7 +29,6 @@ import hashlib
 import math
 import os
 import random
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Optional
@@ -42,20 +41,22 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from .collapse import collapse
-from .errors import GPDError
-from .io import atomic_save, load_teacher_file, save_teacher
+from .errors import GPDError, first_line
+from .io import atomic_save, atomic_write, durable_replace, load_teacher_file, save_teacher
 from .plan import DTYPE_NAMES, STUDENT_PREFIX, Plan
 from .student_view import StudentView
 
 TEACHER_FILE = "teacher.safetensors"
 STUDENT_FILE = "student.safetensors"
 STATE_FILE = "train_state.pt"
+NEXT_STATE_FILE = "train_state.next.pt"  # a checkpoint's state until its teacher file is written
 STATE_FORMAT = "gpd-surgery/train-state"
 STATE_VERSION = 1
 DISTILL_KINDS = ("kl", "sce")
 OPTIMIZERS = ("sgd", "adamw")
 DEFAULT_LR = {"sgd": 0.1, "adamw": 1e-3}
 DEFAULT_WD = {"sgd": 5e-4, "adamw": 0.05}
+OPTIMIZER_STATE = {"sgd": ("momentum_buffer",), "adamw": ("step", "exp_avg", "exp_avg_sq")}  # per parameter
 
 
 # -- configuration ---------------------------------------------------------------------------
@@ -146,6 +147,7 @@ class GPDModel(nn.Module):
         super().__init__()
         self.plan = plan
         self.teacher = teacher
+        self.source_file: str | None = None  # the teacher file it was read from, for messages
         self.view = StudentView(teacher, plan, student_gm)
         expected = plan.file_tensors()
         # The student's buffers as the file holds them: kept for those the student graph does not use.
@@ -169,7 +171,9 @@ class GPDModel(nn.Module):
         if not shape:
             raise GPDError(f"the plan in {path} records no input shape")
         traced, _, teacher = rebuild(copy.deepcopy(student).eval(), plan, tensors, shape)
-        return cls(teacher, plan, traced.gm, tensors)
+        model = cls(teacher, plan, traced.gm, tensors)
+        model.source_file = path
+        return model
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.teacher(x), self.view(x)
@@ -191,8 +195,8 @@ class GPDModel(nn.Module):
             raise RuntimeError(f"the teacher's tensors do not match its plan (first: {missing[:1]})")
         return {k: out[k].contiguous() for k in expected}
 
-    def save(self, path: str) -> None:
-        save_teacher(path, self.plan, self.file_tensors(), durable=True)
+    def save(self, path: str, *, overwrite: bool = False) -> None:
+        save_teacher(path, self.plan, self.file_tensors(), durable=True, overwrite=overwrite)
 
     def student_state_dict(self) -> dict[str, torch.Tensor]:
         """What `gpd extract` would write from the current teacher file: the original ``state_dict()``'s keys."""
@@ -216,8 +220,8 @@ class PlainModel(nn.Module):
     def file_tensors(self) -> dict[str, torch.Tensor]:
         return self.student_state_dict()
 
-    def save(self, path: str) -> None:
-        atomic_save(self.student_state_dict(), path, durable=True)
+    def save(self, path: str, *, overwrite: bool = False) -> None:
+        atomic_save(self.student_state_dict(), path, durable=True, overwrite=overwrite)
 
     def student_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().contiguous() for k, v in self.student.state_dict().items()}
@@ -353,27 +357,15 @@ def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def atomic_torch_save(obj: Any, path: str) -> None:
-    """torch.save to a temporary file in the target folder, synced, then renamed into place."""
-    parent = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".gpd-", suffix=".tmp", dir=parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # the permissions a plain open() gives, not mkstemp's 0600
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise GPDError(f"cannot write {path}: {e.strerror or e}") from None
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def check_finite(tensors: Mapping[str, torch.Tensor], what: str) -> None:
+    """Refuse to train from NaN or infinite values: a step later they would read as a loss that diverged."""
+    for k, t in tensors.items():
+        if t.is_floating_point() or t.is_complex():
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                kind = "NaN" if bool(torch.isnan(t).any()) else "infinite"
+                raise GPDError(f"cannot train: in {what}, {k} holds {kind} values ({bad} of {t.numel()}); start from "
+                               "intact weights")
 
 
 def load_state(path: str) -> dict[str, Any]:
@@ -386,7 +378,99 @@ def load_state(path: str) -> dict[str, Any]:
                        ) from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
         raise GPDError(f"cannot resume: {path} is not a gpd training state (format {STATE_FORMAT} v{STATE_VERSION})")
+    if not isinstance(state.get("checkpoint_sha256"), str):
+        raise _malformed(path, "checkpoint_sha256", state.get("checkpoint_sha256"))
     return state
+
+
+def _malformed(path: str, field: str, value: Any, expected: str = "") -> GPDError:
+    shown = repr(value)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    return GPDError(f"cannot resume: {path} holds a malformed {field} ({shown}{', expected ' + expected if expected else ''}); "
+                    "start over with --force")
+
+
+def _plain(x: Any, depth: int = 0) -> bool:
+    """Whether ``x`` is JSON-like data (what the history and the settings are), nothing that compares or prints
+    differently (a tensor, another object)."""
+    if depth > 16:
+        return False
+    if isinstance(x, dict):
+        return all(isinstance(k, str) and _plain(v, depth + 1) for k, v in x.items())
+    if isinstance(x, (list, tuple)):
+        return all(_plain(v, depth + 1) for v in x)
+    return x is None or isinstance(x, (str, int, float, bool))
+
+
+def _metrics(m: Any) -> bool:
+    need = ("student_loss", "student_acc") + (("teacher_acc",) if isinstance(m, dict) and "teacher_loss" in m else ())
+    return (isinstance(m, dict) and all(k in m for k in need)
+            and all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in m.items()))
+
+
+def check_state(state: dict[str, Any], path: str, epochs: int) -> tuple[int, int, list[dict[str, Any]]]:
+    """The epoch, step and history of a training state, each checked for type and range (the identity and the
+    optimizer state are checked where they are used)."""
+    epoch, step, history = state.get("epoch"), state.get("step"), state.get("history")
+    if type(epoch) is not int or not 1 <= epoch <= epochs:
+        raise _malformed(path, "epoch", epoch, f"a whole number from 1 to {epochs}")
+    if type(step) is not int or step < 0:
+        raise _malformed(path, "step", step, "a whole number >= 0")
+    if not isinstance(history, list) or len(history) != epoch:
+        raise _malformed(path, "history", history, f"a list of {epoch} epoch records")
+    for i, record in enumerate(history):
+        if (not isinstance(record, dict) or not _plain(record) or record.get("epoch") != i + 1
+                or not _metrics(record.get("train")) or ("val" in record and not _metrics(record["val"]))):
+            raise _malformed(path, f"history record {i + 1}", record, "the epoch's train and val metrics")
+    return epoch, step, list(history)
+
+
+def _like(value: Any, option: Any) -> bool:
+    """Whether a saved optimizer setting has the form of this run's: a flag, a finite number, a tuple of them."""
+    if isinstance(option, bool) or option is None:
+        return value is None or isinstance(value, bool)
+    if isinstance(option, (int, float)):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(option, tuple):
+        return (isinstance(value, (tuple, list)) and len(value) == len(option)
+                and all(_like(v, o) for v, o in zip(value, option)))
+    return True
+
+
+def load_optimizer(opt: torch.optim.Optimizer, saved: Any, path: str, kind: str,
+                   names: Mapping[int, str]) -> None:
+    """Load an optimizer state, checked: its groups and parameters must be this optimizer's, its settings of
+    the same form, and every parameter's state the tensors a step of ``kind`` keeps (shape, finite values).
+    The settings then stay those of the options, which the identity check has shown equal to the run's:
+    the file's copies add nothing, and an odd one (a momentum of 1e30) would only do harm."""
+    options = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    try:
+        opt.load_state_dict(saved)
+    except Exception as e:  # its own words on a structure that does not fit, e.g. another number of groups
+        raise GPDError(f"cannot resume: the optimizer state in {path} does not fit the optimizer "
+                       f"({type(e).__name__}: {first_line(e)}); start over with --force"
+                       ) from None
+    for g, o in zip(opt.param_groups, options):
+        for k, v in o.items():
+            if k not in g or not _like(g[k], v):
+                raise _malformed(path, f"optimizer setting {k}", g.get(k), f"like {v!r}")
+        params = g["params"]
+        g.clear()
+        g.update(o, params=params)
+    params = {id(p): p for g in opt.param_groups for p in g["params"]}
+    keys = () if kind == "sgd" and not options[0]["momentum"] else OPTIMIZER_STATE[kind]  # SGD without momentum: none
+    for p, s in opt.state.items():
+        name = names.get(id(p), "?")
+        if not isinstance(p, torch.Tensor) or params.get(id(p)) is not p:
+            raise _malformed(path, "optimizer state", p, "a state per parameter of the model")
+        if not isinstance(s, dict) or (s and sorted(s) != sorted(keys)):
+            raise _malformed(path, f"optimizer state of {name}", s, f"{', '.join(keys) or 'nothing'}")
+        for k, v in s.items():
+            shape = () if k == "step" else tuple(p.shape)
+            if (not isinstance(v, torch.Tensor) or not v.is_floating_point() or tuple(v.shape) != shape
+                    or not bool(torch.isfinite(v).all()) or (k in ("step", "exp_avg_sq") and bool((v < 0).any()))):
+                raise _malformed(path, f"optimizer state {k} of {name}", v,
+                                 f"finite values of shape {list(shape)}")
 
 
 # -- the loop -------------------------------------------------------------------------------------
@@ -496,6 +580,7 @@ class Trainer:
                 os.makedirs(self.output_dir, exist_ok=True)
             except OSError as e:
                 raise GPDError(f"cannot create {self.output_dir}: {e.strerror or e}") from None
+        self._check_finite()
         model = self.model.to(device)
         dtype = next(model.parameters()).dtype
         static = None
@@ -506,10 +591,10 @@ class Trainer:
         opt = make_optimizer(model, c)
         start_epoch, step, history = 0, 0, []
         if resume:
-            state = load_state(self.path(STATE_FILE))
-            self._check_resume(state)
-            opt.load_state_dict(state["optimizer"])
-            start_epoch, step, history = int(state["epoch"]), int(state["step"]), list(state["history"])
+            path, state = self._resume_state(env)
+            start_epoch, step, history = check_state(state, path, c.epochs)
+            names = {id(p): n for n, p in model.named_parameters()}
+            load_optimizer(opt, state.get("optimizer"), path, c.optimizer, names)
         wrapped: nn.Module = model
         if env.active:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -585,7 +670,7 @@ class Trainer:
         done = len(history) >= c.epochs
         files = {"checkpoint": self.checkpoint_file, "state": self.path(STATE_FILE)}
         if done and env.main:
-            atomic_save(model.student_state_dict(), self.path(STUDENT_FILE), durable=True)
+            atomic_save(model.student_state_dict(), self.path(STUDENT_FILE), durable=True, overwrite=True)
         if done:
             files["student"] = self.path(STUDENT_FILE)
         if env.active:
@@ -597,32 +682,74 @@ class Trainer:
             self.reporter.finish(result)
         return result
 
+    def _check_finite(self) -> None:
+        if self.gpd:
+            what = f"the teacher file {self.model.source_file}" if self.model.source_file else "the starting teacher"
+        else:
+            what = "the student's weights"
+        check_finite(self.model.file_tensors(), what)
+        if self.static is not None:
+            check_finite(self.static.state_dict(), "the static teacher's weights")
+
     def _checkpoint(self, model: nn.Module, opt: torch.optim.Optimizer, epoch: int, step: int,
                     history: list[dict[str, Any]], env: DistEnv) -> None:
+        """Write the checkpoint of ``epoch``: the checkpoint file (teacher, or student when plain) and its state.
+
+        Two files cannot be replaced together atomically, so a kill may fall between the writes; their order
+        leaves a matching pair at every moment: (1) the new state goes to ``train_state.next.pt``, with the
+        digest of the tensors about to be written; (2) the checkpoint file is replaced; (3) the new state is
+        renamed over ``train_state.pt``. Killed before (2) is complete, ``train_state.pt`` still matches the
+        previous checkpoint file; killed between (2) and (3), ``train_state.next.pt`` matches the new one.
+        ``--resume`` takes the state whose digest matches the checkpoint file (``_resume_state``)."""
         if env.main:
             tensors = model.file_tensors()
-            if self.gpd:
-                save_teacher(self.checkpoint_file, model.plan, tensors, durable=True)
-            else:
-                atomic_save(tensors, self.checkpoint_file, durable=True)
-            atomic_torch_save({
+            state = {
                 "format": STATE_FORMAT, "version": STATE_VERSION, "epoch": epoch, "step": step,
                 "optimizer": opt.state_dict(), "history": history, "identity": self._identity(),
                 "checkpoint_sha256": tensors_digest(tensors),
-            }, self.path(STATE_FILE))
+            }
+            atomic_write(self.path(NEXT_STATE_FILE), lambda f: torch.save(state, f), durable=True, overwrite=True)
+            if self.gpd:
+                save_teacher(self.checkpoint_file, model.plan, tensors, durable=True, overwrite=True)
+            else:
+                atomic_save(tensors, self.checkpoint_file, durable=True, overwrite=True)
+            durable_replace(self.path(NEXT_STATE_FILE), self.path(STATE_FILE))
         if env.active:
             dist.barrier()
 
-    def _check_resume(self, state: dict[str, Any]) -> None:
-        mine, theirs = self._identity(), state.get("identity", {})
+    def _resume_state(self, env: DistEnv) -> tuple[str, dict[str, Any]]:
+        """The state file that matches the checkpoint file, and its content, checked against this run's settings:
+        ``train_state.pt``, or ``train_state.next.pt`` when a run was killed after writing the checkpoint file
+        but before renaming its state into place (see ``_checkpoint``); that one then takes the place of the
+        other, and a next state that matches nothing (killed before the checkpoint file was written) goes."""
+        digest = tensors_digest(self.model.file_tensors())
+        main, nxt = self.path(STATE_FILE), self.path(NEXT_STATE_FILE)
+        found = [p for p in (main, nxt) if os.path.isfile(p)] or [main]  # none: load_state says so
+        states = [(p, load_state(p)) for p in found]
+        match = next(((p, s) for p, s in states if s["checkpoint_sha256"] == digest), None)
+        if match is None:
+            raise GPDError(f"cannot resume: {self.checkpoint_file} is not the checkpoint {STATE_FILE} was written "
+                           "with; start over with --force")
+        self._check_identity(*match)
+        if env.active:
+            dist.barrier()  # every process has read the state files before rank 0 tidies them
+        if env.main and nxt in found:
+            if match[0] == nxt:
+                durable_replace(nxt, main)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(nxt)
+        return match
+
+    def _check_identity(self, path: str, state: dict[str, Any]) -> None:
+        mine, theirs = self._identity(), state.get("identity")
+        if not isinstance(theirs, dict) or not _plain(theirs):
+            raise _malformed(path, "identity", theirs, "the settings of the run")
         diffs = [k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
         if diffs:
             shown = ", ".join(f"{k}={theirs.get(k)!r} (now {mine.get(k)!r})" for k in diffs[:4])
             raise GPDError(f"cannot resume: the run in {self.output_dir} was started with other settings: {shown}; "
                            "resume with the same options, or start over with --force")
-        if tensors_digest(self.model.file_tensors()) != state.get("checkpoint_sha256"):
-            raise GPDError(f"cannot resume: {self.checkpoint_file} is not the checkpoint {STATE_FILE} was written "
-                           "with (a run stopped while it wrote them?); start over with --force")
 
 
 def sync_buffers(model: nn.Module, env: DistEnv) -> None:
@@ -709,7 +836,7 @@ def prepare_output(output_dir: str, resume: bool, force: bool) -> None:
         raise GPDError(f"cannot create {output_dir}: {e.strerror or e}") from None
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    for n in (STUDENT_FILE, STATE_FILE):  # stale files of the run being replaced (--force)
+    for n in (STUDENT_FILE, STATE_FILE, NEXT_STATE_FILE):  # stale files of the run being replaced (--force)
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(output_dir, n))
 
