@@ -4,17 +4,24 @@ The synthetic task is for demos and tests: every class is a smooth pattern (a fe
 waves per colour channel); a sample is its class's pattern, shifted at random, blended with
 another class's pattern and drowned in noise. A small CNN learns it quickly but does not reach
 100%, so that two training methods can be told apart. Everything derives from ``seed``.
+
+An image folder is checked before training starts (every image's header, its pixel count, PIL's
+``verify``), so that a corrupt file or a decompression bomb is refused at once, not after an hour of
+training; a file that still cannot be decoded later is one clear error (``ImageReadError``).
 """
 from __future__ import annotations
 
 import math
 import os
-from typing import Any
+import sys
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
 
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from .errors import GPDError
+from .errors import GPDError, first_line
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
@@ -71,9 +78,10 @@ def _samples(protos: torch.Tensor, n: int, g: torch.Generator) -> TensorDataset:
 def image_folder(root: str, image_size: int, val_fraction: float = 0.1, seed: int = 0, augment: str = "crop-flip"
                  ) -> tuple[Dataset, Dataset | None, list[str]]:
     """``root/train/CLASS/IMAGE`` (and ``root/val/CLASS/IMAGE`` when present), or ``root/CLASS/IMAGE`` with a
-    held-out fraction for validation. Returns the train and validation sets and the class names."""
+    held-out fraction for validation. Returns the train and validation sets and the class names. Every image is
+    checked first (``check_images``): a bad one is refused, named."""
     try:
-        from torchvision import datasets, transforms
+        from torchvision import transforms
     except ImportError:  # pragma: no cover - torchvision is an optional dependency
         raise GPDError("reading an image folder needs torchvision: pip install 'gpd-surgery[vision]'") from None
     if not os.path.exists(root):
@@ -91,38 +99,168 @@ def image_folder(root: str, image_size: int, val_fraction: float = 0.1, seed: in
     train_dir = os.path.join(root, "train")
     split = os.path.isdir(train_dir)
     train_root = train_dir if split else root
-    train = _folder(datasets, train_root, train_tf)
+    classes, samples = _folder(train_root)
+    train = ImageFiles(classes, samples, train_tf)
     val_dir = os.path.join(root, "val")
     if split and os.path.isdir(val_dir):
-        val = _folder(datasets, val_dir, plain)
-        if val.classes != train.classes:
-            raise GPDError(f"the classes of {val_dir} ({_names(val.classes)}) differ from those of {train_root} "
-                           f"({_names(train.classes)})")
-        return train, val, list(train.classes)
+        val_classes, val_samples = _folder(val_dir)
+        if val_classes != classes:
+            raise GPDError(f"the classes of {val_dir} ({_names(val_classes)}) differ from those of {train_root} "
+                           f"({_names(classes)})")
+        check_images(root, [f for f, _ in samples + val_samples])
+        return train, ImageFiles(classes, val_samples, plain), classes
+    check_images(root, [f for f, _ in samples])
     if not 0 <= val_fraction < 1:
         raise GPDError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     n_val = int(round(len(train) * val_fraction))
     if n_val == 0:
-        return train, None, list(train.classes)
+        return train, None, classes
     if n_val >= len(train):
         raise GPDError(f"dataset {train_root} has only {len(train)} images: too few to hold out a validation split")
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
-    evaluation = _folder(datasets, train_root, plain)
-    return Subset(train, order[n_val:]), Subset(evaluation, order[:n_val]), list(train.classes)
+    evaluation = ImageFiles(classes, samples, plain)
+    return Subset(train, order[n_val:]), Subset(evaluation, order[:n_val]), classes
 
 
-def _folder(datasets: Any, path: str, tf: Any) -> Any:
-    classes = sorted(e.name for e in os.scandir(path) if e.is_dir())
-    if not classes:
-        raise GPDError(f"dataset {path} is empty: it has no class folders (expected {path}/CLASS/IMAGE files)")
+class ImageReadError(GPDError):
+    """An image that cannot be read during training. Raised in a DataLoader worker, it comes back re-made from
+    the worker's traceback text; its own line is recovered from that, so that it still reads as one line."""
+
+    def __init__(self, message: str) -> None:
+        if message.startswith("Caught ") and "Traceback" in message:
+            tag = f"{type(self).__module__}.{type(self).__qualname__}: "
+            lines = [line for line in message.splitlines() if line.startswith(tag)]
+            message = lines[-1][len(tag):] if lines else message.strip().splitlines()[-1]
+        super().__init__(message)
+
+
+class ImageFiles(Dataset):
+    """Image files and their class indices (as torchvision's ImageFolder), read by ``load_image``."""
+
+    def __init__(self, classes: list[str], samples: list[tuple[str, int]], transform: Callable[[Any], Any]) -> None:
+        self.classes, self.samples, self.transform = classes, samples, transform
+        self.targets = [t for _, t in samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        path, target = self.samples[i]
+        return self.transform(load_image(path)), target
+
+
+def load_image(path: str) -> Any:
+    """The image at ``path`` in RGB. Whatever makes that fail (the file changed or vanished since the check, a
+    truncated JPEG that only decoding finds) is an ``ImageReadError`` naming it, not a crash of the run."""
     try:
-        ds = datasets.ImageFolder(path, transform=tf, allow_empty=True)
-    except (FileNotFoundError, OSError) as e:
-        raise GPDError(f"dataset {path} cannot be read: {e}") from None
-    if len(ds) == 0:
+        with _open_image(path) as img:
+            return img.convert("RGB")
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ... for a damaged file
+        raise ImageReadError(f"cannot read image {path} ({first_line(e)}): the checkpoints written so far are intact; "
+                             "replace the file and continue with --resume") from None
+
+
+def _open_image(path: str) -> Any:
+    """``Image.open`` (reads the header only), refusing more pixels than PIL's bound: a decompression bomb."""
+    from PIL import Image
+
+    img = Image.open(path)
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and img.width * img.height > limit:
+        img.close()
+        raise ValueError(f"{img.width} x {img.height} pixels, more than PIL's bound of {limit}: a decompression bomb?")
+    return img
+
+
+def _problem(path: str) -> str | None:
+    try:
+        with _open_image(path) as img:
+            img.verify()  # the file's structure (PNG: every chunk and checksum), without decoding the pixels
+    except Exception as e:
+        return first_line(e)
+    return None
+
+
+def check_images(root: str, files: list[str]) -> None:
+    """Refuse a dataset with an image that cannot be opened, holds more pixels than PIL allows, or fails PIL's
+    ``verify``, naming the first such file. Reads headers and structure only (no decoding), in threads."""
+    from PIL import Image
+
+    with warnings.catch_warnings():  # over the bound: refused below, with the file's name
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with ThreadPoolExecutor(max_workers=min(32, 4 * (os.cpu_count() or 1))) as pool:
+            problems = [(f, p) for f, p in zip(files, pool.map(_problem, files, chunksize=64)) if p is not None]
+    if problems:
+        (first, why), n = problems[0], len(problems)
+        more = f" ({n} of {len(files)} images are; the first)" if n > 1 else ""
+        raise GPDError(f"dataset {root}: image {first} cannot be used{more}: {why}; fix or remove it")
+
+
+def _warn(message: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:  # one process speaks under torchrun
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+        print(f"warning: {text}", file=sys.stderr, flush=True)
+
+
+def _folder(path: str) -> tuple[list[str], list[tuple[str, int]]]:
+    """The class folders of ``path`` and their image files, in torchvision ImageFolder's order (classes sorted,
+    then the folders of each class's walk and their files sorted).
+
+    Folder symlinks are followed only out of the tree to a folder not read yet: one that leads back into the
+    tree, or to a folder that contains it, would read images again under another label or loop (a link
+    ``train/a/loop -> ..`` made 8 images 328); those are skipped, each with a warning."""
+    try:
+        top = os.path.realpath(path)
+        seen = {top}
+        classes = [e.name for e in sorted(os.scandir(path), key=lambda e: e.name) if _is_dir(e) and _enter(e.path, top, seen)]
+        if not classes:
+            raise GPDError(f"dataset {path} is empty: it has no class folders (expected {path}/CLASS/IMAGE files)")
+        samples = []
+        for i, c in enumerate(classes):
+            for folder, files in sorted(_walk(os.path.join(path, c), top, seen)):
+                samples.extend((os.path.join(folder, f), i) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS))
+    except OSError as e:
+        raise GPDError(f"dataset {path} cannot be read: {e.strerror or e}") from None
+    if not samples:
         raise GPDError(f"dataset {path} is empty: no images ({', '.join(IMAGE_EXTENSIONS[:4])}, ...) "
                        f"in its {len(classes)} class folders")
-    return ds
+    return classes, samples
+
+
+def _is_dir(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir()  # follows a symlink; a dangling one is a file, as os.walk has it
+    except OSError:
+        return False
+
+
+def _enter(folder: str, top: str, seen: set[str]) -> bool:
+    """Whether to read ``folder``: a symlink only when it leads out of the tree ``top`` and not to a folder that
+    contains it; any folder only once."""
+    real = os.path.realpath(folder)
+    if os.path.islink(folder):
+        if real == top or real.startswith(top + os.sep):
+            _warn(f"skipped {folder}: a link back into the dataset folder ({real})")
+            return False
+        if top.startswith(real.rstrip(os.sep) + os.sep):
+            _warn(f"skipped {folder}: a link to {real}, which contains the dataset folder")
+            return False
+    if real in seen:
+        _warn(f"skipped {folder}: a link to {real}, which is read already")
+        return False
+    seen.add(real)
+    return True
+
+
+def _walk(start: str, top: str, seen: set[str]) -> list[tuple[str, list[str]]]:
+    """``(folder, file names)`` for ``start`` and the folders under it that ``_enter`` allows."""
+    out, stack = [], [start]
+    while stack:
+        folder = stack.pop()
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        out.append((folder, [e.name for e in entries if not _is_dir(e)]))
+        stack.extend(reversed([e.path for e in entries if _is_dir(e) and _enter(e.path, top, seen)]))
+    return out
 
 
 def _names(classes: list[str], n: int = 4) -> str:
