@@ -1,9 +1,64 @@
+"""Fixtures and the helpers every test module shares (test modules import from here, never from each other)."""
 import gc
+import json
 import math
 import os
 
 import pytest
 import torch
+from typer.testing import CliRunner
+
+MODEL = "gpd_surgery.examples:small_cnn"  # the built-in example student: no downloads
+_runner = CliRunner()
+
+
+def gpd(*args, catch_exceptions: bool = True, env: dict | None = None):
+    """Run the ``gpd`` command line in this process (typer's CliRunner); arguments may be paths."""
+    from gpd_surgery.cli import app
+
+    return _runner.invoke(app, [str(a) for a in args], catch_exceptions=catch_exceptions, env=env)
+
+
+def one_line_error(r, code=2):
+    """Exit ``code``, a single ``error:`` line, no traceback: what every bad input must get."""
+    assert r.exit_code == code, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit), r.exception
+    return lines[0]
+
+
+def make_teacher(path, width=4, seed=0, branches=(), shape=(1, 3, 8, 8)):
+    """A small valid teacher file (small_cnn, random weights, x2) at ``path``, and the student it came from."""
+    from gpd_surgery import api
+    from gpd_surgery.examples import small_cnn
+
+    torch.manual_seed(seed)
+    model = randomize(small_cnn(width=width), seed=seed)
+    source = {"model": MODEL, "model_args": {"width": width}, "input_shape": list(shape)}
+    api.expand(model, shape, 2.0, source=source, branches=branches).save(str(path))
+    return model
+
+
+def rewrite_teacher(src, dst, plan_edit=None, tensors_edit=None, digest=True):
+    """Copy a teacher file with its plan (a dict, edited in place by ``plan_edit``) or its tensors (a dict,
+    edited by ``tensors_edit``) changed; the plan's checksum recomputed unless ``digest`` is False."""
+    from gpd_surgery import io as gio
+
+    meta, _ = gio.read_header(str(src))
+    tensors = gio.read_tensors(str(src))
+    if plan_edit is not None:
+        obj = json.loads(meta[gio.PLAN_KEY])
+        obj = plan_edit(obj) or obj
+        meta = {**meta, gio.PLAN_KEY: json.dumps(obj)}
+        if digest:
+            meta[gio.DIGEST_KEY] = gio.plan_digest(meta[gio.PLAN_KEY])
+    if tensors_edit is not None:
+        tensors = tensors_edit(tensors) or tensors
+    if os.path.lexists(dst):
+        os.unlink(dst)
+    gio.atomic_save(tensors, str(dst), meta)
+    return dst
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

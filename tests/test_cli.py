@@ -7,19 +7,14 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
-from conftest import randomize
-from gpd_surgery.cli import app
+from conftest import MODEL, randomize, gpd as run_gpd
 from gpd_surgery.examples import small_cnn
 
-MODEL = "gpd_surgery.examples:small_cnn"
 SHAPE = "2,3,32,32"
-runner = CliRunner()
-
 
 def gpd(*args):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+    return run_gpd(*args, catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")

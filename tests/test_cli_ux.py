@@ -15,22 +15,18 @@ import torch
 from rich.console import Console
 from safetensors import safe_open
 from safetensors.torch import save_file
-from typer.testing import CliRunner
 
 import gpd_surgery
-from conftest import randomize
+from conftest import MODEL, randomize, gpd as run_gpd
 from gpd_surgery.cli import common as cli
-from gpd_surgery.cli import app
 from gpd_surgery.examples import small_cnn
 
-MODEL = "gpd_surgery.examples:small_cnn"
 SHAPE = ("--input-shape", "1,3,16,16")
-runner = CliRunner()
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gpd(*args):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+    return run_gpd(*args, catch_exceptions=False)
 
 
 def plan_of(path):
@@ -120,7 +116,7 @@ def test_verify_alone_needs_a_model_spec_in_the_plan(tmp_path):
     # A spec alone (the teacher forgotten) and no argument at all are usage errors.
     r = gpd("verify", "torchvision:resnet18")
     assert r.exit_code == 2 and "no TEACHER file follows" in r.output
-    r = runner.invoke(app, ["verify"])
+    r = run_gpd("verify")
     assert r.exit_code == 2 and "TEACHER" in r.output
 
 

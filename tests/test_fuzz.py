@@ -18,16 +18,13 @@ import pytest
 import torch
 from hypothesis import HealthCheck, assume, event, given, settings, strategies as st
 from safetensors.torch import load as st_load, save as st_save
-from typer.testing import CliRunner
 
-from conftest import run_limited
+from conftest import gpd, make_teacher, run_limited
 from gpd_surgery import io as gio
-from gpd_surgery.cli import app
 from gpd_surgery.collapse import collapse
-from gpd_surgery.errors import GPDError, PlanError
+from gpd_surgery.errors import PlanError
 from gpd_surgery.examples import small_cnn
 from gpd_surgery.plan import DTYPES, Plan, check_tensors
-from test_safety import make_teacher
 
 # Deterministic (derandomize) so CI is reproducible; set GPD_FUZZ_SCALE=10 for a longer local hunt.
 SCALE = float(os.environ.get("GPD_FUZZ_SCALE", "1"))
@@ -329,9 +326,6 @@ def test_files_with_edited_tensors(base, data):
 
 
 # -- the command line -------------------------------------------------------------------------------
-runner = CliRunner()
-
-
 @fuzz(300)
 @given(data=st.data())
 def test_gpd_extract_on_mutants(base, data):
@@ -346,7 +340,7 @@ def test_gpd_extract_on_mutants(base, data):
         mutant = st_save(data.draw(tensor_mutants(base))[1], base.meta)
     out = base.dir / "student.safetensors"
     with no_hang(20):
-        r = runner.invoke(app, ["extract", base.write(mutant), "-o", str(out), "--force"])
+        r = gpd("extract", base.write(mutant), "-o", out, "--force")
     assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
     if r.exit_code == 2:
         lines = r.output.strip().splitlines()

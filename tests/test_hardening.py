@@ -9,22 +9,12 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 from torch import nn
-from typer.testing import CliRunner
 
-from conftest import random_init, run_limited
+from conftest import MODEL, gpd, random_init, rewrite_teacher, run_limited
 from gpd_surgery import api, io as gio
-from gpd_surgery.cli import app
 from gpd_surgery.errors import PlanError
 from gpd_surgery.examples import small_cnn
 from gpd_surgery.verify import difference, verify
-
-MODEL = "gpd_surgery.examples:small_cnn"
-runner = CliRunner()
-
-
-def gpd(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
 
 def exits_2(code, text):
     """Exit 2 and one ``error:`` line, the last (a ``note:`` before it may say where defaults came from)."""
@@ -48,16 +38,7 @@ def small(tmp_path_factory):
     return d, model, weights
 
 
-def forge(src, dst, plan_edit=None, tensors_edit=None):
-    """Rewrite a teacher file with its plan (a dict) and tensors changed; the checksum recomputed."""
-    meta, _ = gio.read_header(str(src))
-    obj = json.loads(meta[gio.PLAN_KEY])
-    tensors = gio.read_tensors(str(src))
-    if plan_edit:
-        plan_edit(obj)
-    if tensors_edit:
-        tensors_edit(tensors)
-    return write_plan(dst, obj, tensors)
+forge = rewrite_teacher
 
 
 def write_plan(dst, obj, tensors):
