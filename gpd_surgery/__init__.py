@@ -8,16 +8,20 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .analyse import Ctx
 from .api import (Expanded, Planned, expand, extract, inspect, load_student_view, load_teacher, plan_expansion,
                   verify)
 from .collapse import collapse
 from .errors import GPDError, PlanError
+from .expand import Sizes
 from .io import load_teacher_file
 from .plan import Plan
+from .rules import Registry, register_rule
 from .student_view import StudentView
 from .verify import Report
 
 __all__ = [
-    "Expanded", "GPDError", "Plan", "PlanError", "Planned", "Report", "StudentView", "collapse", "expand", "extract",
-    "inspect", "load_student_view", "load_teacher", "load_teacher_file", "plan_expansion", "verify",
+    "Ctx", "Expanded", "GPDError", "Plan", "PlanError", "Planned", "Registry", "Report", "Sizes", "StudentView",
+    "collapse", "expand", "extract", "inspect", "load_student_view", "load_teacher", "load_teacher_file",
+    "plan_expansion", "register_rule", "verify",
 ]

@@ -9,7 +9,7 @@ weight).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import torch
 import torch.fx as fx
@@ -18,9 +18,22 @@ from torch import nn
 from .layout import BOUNDARY, Layout, Spaces
 from .trace import TensorSpec
 
+if TYPE_CHECKING:
+    from .expand import Sizes
+
 Dims = Any  # list[Layout] for a tensor, tuple of Dims for a tuple, None otherwise
-ModuleHook = Callable[[nn.Module, Any], "nn.Module | None"]
-NodeHook = Callable[[fx.Node, Any], None]
+ModuleHook = Callable[[nn.Module, "Sizes"], "nn.Module | None"]
+NodeHook = Callable[[fx.Node, "Sizes"], None]
+Rule = Callable[["Ctx"], Dims]
+PLAIN_VALUE = "gpd: plain value"  # the key of the rule for nodes that compute plain values (sizes) from no tensor
+
+
+class RuleSource(Protocol):
+    """What the analysis asks of a rule registry (``rules.Registry``)."""
+
+    def lookup(self, node: fx.Node, gm: fx.GraphModule) -> Rule | None: ...
+
+    def get(self, key: Any) -> Rule | None: ...
 
 
 @dataclass
@@ -32,6 +45,7 @@ class ParamInfo:
 @dataclass
 class Analysis:
     gm: fx.GraphModule
+    rules: RuleSource
     spaces: Spaces
     dims: dict[str, Dims]
     params: dict[str, ParamInfo]
@@ -43,31 +57,39 @@ class Analysis:
 
 
 class Ctx:
-    """What a rule sees: the node's inputs' layouts and shapes, and ways to relate them."""
+    """What a rule sees: the node being analysed (``node``), its inputs' layouts and shapes, and ways to
+    relate them. ``spaces`` is the union-find over all channel spaces (``layout.Spaces``): rules use its
+    ``new(size, frozen=...)``, ``size_of(layout)`` and ``mark_expandable(layout)``."""
 
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, rules: RuleSource) -> None:
         self.gm = gm
         self.spaces = Spaces()
-        self.result = Analysis(gm, self.spaces, {}, {})
+        self.result = Analysis(gm, rules, self.spaces, {}, {})
         self.node: fx.Node | None = None
 
     # -- reading ------------------------------------------------------------
     def spec(self, a: Any) -> Any:
+        """What ``a`` holds: a ``TensorSpec`` (shape, dtype) for a tensor node, the value of a plain one."""
         return a.meta.get("gpd_spec") if isinstance(a, fx.Node) else a
 
     def is_tensor(self, a: Any) -> bool:
+        """Whether ``a`` is a node whose value is a tensor."""
         return isinstance(self.spec(a), TensorSpec)
 
     def shape(self, a: Any) -> tuple[int, ...]:
+        """The student's shape of tensor node ``a``."""
         return self.spec(a).shape
 
     def dims(self, a: fx.Node) -> list[Layout]:
+        """The layouts of tensor node ``a``'s dims (already analysed: ``a`` comes before the node)."""
         return self.result.dims[a.name]
 
     def module(self, node: fx.Node) -> nn.Module:
+        """The student's module that a ``call_module`` node calls."""
         return self.gm.get_submodule(node.target)  # type: ignore[arg-type]
 
     def arg(self, i: int, name: str, default: Any = None) -> Any:
+        """The node's argument at position ``i`` or keyword ``name``."""
         node = self.node
         assert node is not None
         if len(node.args) > i:
@@ -75,6 +97,7 @@ class Ctx:
         return node.kwargs.get(name, default)
 
     def tensor_args(self) -> list[fx.Node]:
+        """The node's tensor arguments, in order."""
         out: list[fx.Node] = []
         node = self.node
         assert node is not None
@@ -87,19 +110,27 @@ class Ctx:
 
     # -- relating -----------------------------------------------------------
     def fresh(self, shape: tuple[int, ...] | list[int], *, frozen: str | None = None) -> list[Layout]:
+        """New spaces, one per dim of ``shape`` (frozen for the reason given)."""
         return [self.spaces.new(s, frozen=frozen) for s in shape]
 
     def unify(self, a: Layout, b: Layout) -> None:
+        """``a`` and ``b`` must be indexed the same way (refined or frozen where their structures differ)."""
         self.spaces.unify(a, b, self.where)
 
     def freeze(self, lay: Layout, reason: str) -> None:
+        """``lay`` keeps its size (always correct; ``reason`` is reported)."""
         self.spaces.freeze(lay, reason)
 
     def expandable(self, size: int) -> int:
+        """A new space that may widen (a number of heads or groups)."""
         return self.spaces.new(size, expandable=True)
 
     def param(self, qualname: str, modes: list[str | None]) -> list[Layout]:
-        """The layouts of a parameter or buffer's dims (shared by every use of the tensor)."""
+        """The layouts of a parameter or buffer's dims (shared by every use of the tensor), ``qualname`` as in
+        the student's ``state_dict()``. ``modes``, per leading dim, is its collapse recipe where it widens:
+        ``"copy"`` (output and per-channel dims: every copy holds the student's value, collapse takes the
+        first), ``"share"`` (the input dim of a dense layer: the copies' weights sum to the student's,
+        collapse sums them) or None."""
         info = self.result.params.get(qualname)
         if info is None:
             tensor = self._tensor_attr(qualname)
@@ -121,10 +152,13 @@ class Ctx:
         return t
 
     def on_build_module(self, hook: ModuleHook) -> None:
+        """Call ``hook(teacher_module, sizes)`` on the teacher's copy of the node's module (its tensors already
+        the teacher's) to set its sizes; a module it returns replaces it."""
         assert self.node is not None
         self.result.module_hooks[str(self.node.target)] = hook
 
     def on_build_node(self, hook: NodeHook) -> None:
+        """Call ``hook(teacher_node, sizes)`` on the teacher's copy of the node, to rewrite its arguments."""
         assert self.node is not None
         self.result.node_hooks[self.node.name] = hook
 
@@ -138,6 +172,7 @@ class Ctx:
         return self.fresh_like(self.spec(self.node), frozen=reason)
 
     def fresh_like(self, spec: Any, *, frozen: str | None = None) -> Dims:
+        """New spaces shaped like ``spec`` (a tensor's, or a tuple of them)."""
         if isinstance(spec, TensorSpec):
             return self.fresh(spec.shape, frozen=frozen)
         if isinstance(spec, (tuple, list)):
@@ -154,11 +189,9 @@ def describe(node: fx.Node, gm: fx.GraphModule) -> str:
     return f"{node.op} {node.target}"
 
 
-def analyse(gm: fx.GraphModule) -> Analysis:
-    """Relate every dimension of ``gm`` (already shape-propagated) through the rule registry."""
-    from .rules import lookup
-
-    ctx = Ctx(gm)
+def analyse(gm: fx.GraphModule, rules: RuleSource) -> Analysis:
+    """Relate every dimension of ``gm`` (already shape-propagated) through the registry ``rules``."""
+    ctx = Ctx(gm, rules)
     for node in gm.graph.nodes:
         ctx.node = node
         if node.op == "placeholder":
@@ -169,12 +202,10 @@ def analyse(gm: fx.GraphModule) -> Analysis:
                     ctx.freeze(lay, f"{BOUNDARY}: output")
             continue
         elif not ctx.tensor_args() and not _has_tensor(ctx.spec(node)) and node.op != "get_attr":
-            from .rules import plain_value
-
-            plain_value(ctx)  # arithmetic on sizes and other plain values
-            out = None
+            rule = rules.get(PLAIN_VALUE)  # arithmetic on sizes and other plain values
+            out = rule(ctx) if rule is not None else None
         else:
-            rule = lookup(node, gm)
+            rule = rules.lookup(node, gm)
             out = rule(ctx) if rule is not None else ctx.unsupported(describe(node, gm))
         ctx.result.dims[node.name] = out
     ctx.node = None

@@ -21,6 +21,7 @@ from .expand import (Student, build_teacher, check_ratio, check_teacher_memory, 
 from .io import load_teacher_file, save_teacher
 from .maps import Maps
 from .plan import DTYPES, Plan
+from .rules import Registry
 from .verify import Report, verify as _verify
 
 
@@ -74,15 +75,17 @@ class Planned:
 
 def plan_expansion(model: nn.Module, input_shape: tuple[int, ...], ratio: float = 2.0, *, seed: int = 0,
                    equal_shares: bool = False, source: dict[str, Any] | None = None,
-                   branches: str | tuple[str, ...] = (), force: bool = False, dry_run: bool = False) -> Planned:
+                   branches: str | tuple[str, ...] = (), force: bool = False, dry_run: bool = False,
+                   rules: Registry | None = None) -> Planned:
     """Trace and analyse ``model`` and plan its widening by ``ratio`` (with ``branches``, e.g. "default" or
     ("kxk", "lowrank")); no teacher tensor is made yet. An input shape whose forward, or a teacher whose
     tensors, would not fit in free memory is refused from sizes alone, before anything is allocated, unless
-    ``force``; a ``dry_run`` (no teacher will be built) checks only the forward."""
+    ``force``; a ``dry_run`` (no teacher will be built) checks only the forward. ``rules``: a ``Registry`` of
+    extra rules, layered over the default ones (see docs/extending.md)."""
     ratio = check_ratio(ratio)
     t0 = time.perf_counter()
     model = model.eval()
-    student = prepare(model, tuple(input_shape), force)
+    student = prepare(model, tuple(input_shape), force, rules)
     check_teacher_memory(student.analysis, model, ratio, force or dry_run)
     source = {"input_shape": list(input_shape), **(source or {})}
     plan, maps = make_plan(student, model, ratio, seed, equal_shares, source)
@@ -92,10 +95,11 @@ def plan_expansion(model: nn.Module, input_shape: tuple[int, ...], ratio: float 
 
 def expand(model: nn.Module, input_shape: tuple[int, ...], ratio: float = 2.0, *, seed: int = 0,
            equal_shares: bool = False, source: dict[str, Any] | None = None,
-           branches: str | tuple[str, ...] = ()) -> Expanded:
-    """Widen ``model`` by ``ratio`` so that the teacher computes exactly the student's function."""
+           branches: str | tuple[str, ...] = (), rules: Registry | None = None) -> Expanded:
+    """Widen ``model`` by ``ratio`` so that the teacher computes exactly the student's function. ``rules``: a
+    ``Registry`` of extra rules, layered over the default ones (see docs/extending.md)."""
     return plan_expansion(model, input_shape, ratio, seed=seed, equal_shares=equal_shares, source=source,
-                          branches=branches).build()
+                          branches=branches, rules=rules).build()
 
 
 def extract(path: str) -> dict[str, torch.Tensor]:
@@ -106,11 +110,12 @@ def extract(path: str) -> dict[str, torch.Tensor]:
 
 
 def verify(model: nn.Module, path: str, input_shape: tuple[int, ...] | None = None, device: str | None = None,
-           n_inputs: int = 3, *, trained: bool = False) -> Report:
+           n_inputs: int = 3, *, trained: bool = False, rules: Registry | None = None) -> Report:
     """`gpd verify`: the teacher file at ``path`` against the student ``model`` (outputs, every node inside, and
-    the extraction); ``trained``: the teacher was trained, so only the extraction check decides."""
+    the extraction); ``trained``: the teacher was trained, so only the extraction check decides. ``rules``:
+    those the teacher was expanded with."""
     plan, tensors = load_teacher_file(path)
-    return _verify(model, plan, tensors, input_shape, device, n_inputs, trained=trained)
+    return _verify(model, plan, tensors, input_shape, device, n_inputs, trained=trained, rules=rules)
 
 
 def inspect(path: str) -> dict[str, Any]:
@@ -146,25 +151,28 @@ def _numel(shape: tuple[int, ...]) -> int:
     return math.prod(shape)
 
 
-def load_teacher(path: str, student: nn.Module, input_shape: tuple[int, ...] | None = None) -> fx.GraphModule:
-    """The teacher in ``path`` as a trainable module, rebuilt over ``student``'s architecture (checked)."""
+def load_teacher(path: str, student: nn.Module, input_shape: tuple[int, ...] | None = None, *,
+                 rules: Registry | None = None) -> fx.GraphModule:
+    """The teacher in ``path`` as a trainable module, rebuilt over ``student``'s architecture (checked);
+    ``rules``: those the teacher was expanded with."""
     from .verify import rebuild
 
     plan, tensors = load_teacher_file(path)
     shape = tuple(input_shape or plan.source.get("input_shape") or ())
-    _, _, teacher = rebuild(student.eval(), plan, tensors, shape)
+    _, _, teacher = rebuild(student.eval(), plan, tensors, shape, rules)
     return teacher
 
 
-def load_student_view(path: str, student: nn.Module, input_shape: tuple[int, ...] | None = None
-                      ) -> tuple[fx.GraphModule, "StudentView"]:
-    """The teacher in ``path`` and its student view (sharing the teacher's parameters, own buffers)."""
+def load_student_view(path: str, student: nn.Module, input_shape: tuple[int, ...] | None = None, *,
+                      rules: Registry | None = None) -> tuple[fx.GraphModule, "StudentView"]:
+    """The teacher in ``path`` and its student view (sharing the teacher's parameters, own buffers); ``rules``:
+    those the teacher was expanded with."""
     from .student_view import StudentView
     from .verify import rebuild
 
     plan, tensors = load_teacher_file(path)
     shape = tuple(input_shape or plan.source.get("input_shape") or ())
-    traced, _, teacher = rebuild(student.eval(), plan, tensors, shape)
+    traced, _, teacher = rebuild(student.eval(), plan, tensors, shape, rules)
     view = StudentView(teacher, plan, traced.gm)
     view.load_student_buffers(tensors)
     return teacher, view

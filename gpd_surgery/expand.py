@@ -13,13 +13,12 @@ from torch import nn
 from . import branches
 from .analyse import Analysis, analyse, frozen_report
 from .errors import GPDError
-from .layout import Cat
+from .layout import Cat, Layout
 from .maps import Maps, leaf_src, teacher_size, whole_tiles
 from .memory import check_memory, fmt_bytes
 from .limits import MAX_RATIO, MAX_TEACHER_BYTES
 from .plan import DTYPE_NAMES, STUDENT_PREFIX, Plan, Recipe
-
-from .rules import conv, linear, lookup
+from .rules import DEFAULT, Registry, conv, linear
 from .trace import forward_bytes, propagate, trace
 
 
@@ -86,15 +85,19 @@ class Student:
     input_shape: tuple[int, ...]
 
 
-def prepare(model: nn.Module, input_shape: tuple[int, ...], force: bool | None = False) -> Student:
-    gm = trace(model)
+def prepare(model: nn.Module, input_shape: tuple[int, ...], force: bool | None = False,
+            rules: Registry | None = None) -> Student:
+    """Trace, shape-propagate and analyse ``model`` with ``rules`` (a registry layered over the default one;
+    None: the default rules), which also say which modules the tracer keeps whole."""
+    rules = rules if rules is not None else DEFAULT
+    gm = trace(model, rules)
     param = next(iter(model.parameters()), None)
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     # Before the example input exists: an input shape too large for this machine is refused, not swapped.
     check_memory(forward_bytes(gm, tuple(input_shape), dtype), force,
                  f"a forward at input shape {'x'.join(map(str, input_shape))}", "use a smaller --input-shape")
     propagate(gm, torch.randn(input_shape, dtype=dtype))
-    return Student(gm, analyse(gm), tuple(input_shape))
+    return Student(gm, analyse(gm, rules), tuple(input_shape))
 
 
 def make_plan(
@@ -276,7 +279,8 @@ def plan_branches(plan: Plan, student: Student, kinds: tuple[str, ...]) -> None:
     teacher_weights = {r.key for r in plan.recipes if r.kind == "param" and r.teacher}
     for node in student.gm.graph.nodes:
         key = f"{node.target}.weight"
-        if node.op != "call_module" or key not in teacher_weights or lookup(node, student.gm) not in (conv, linear):
+        if (node.op != "call_module" or key not in teacher_weights
+                or student.analysis.rules.lookup(node, student.gm) not in (conv, linear)):
             continue
         fit = branches.applicable(kinds, student.gm.get_submodule(node.target))
         if fit:
@@ -293,18 +297,22 @@ def init_branch_tensors(plan: Plan, tensors: dict[str, torch.Tensor]) -> None:
 
 
 class Sizes:
-    """What build hooks see: teacher sizes and maps of layouts, and a way to add constant tensors."""
+    """What build hooks see (``gpd_surgery.Sizes``): the teacher's sizes and maps of the layouts a rule
+    returned or related, and a way to add constant tensors to the teacher."""
 
     def __init__(self, maps: Maps, graph: fx.Graph, root: nn.Module) -> None:
         self.maps, self.graph, self.root = maps, graph, root
 
-    def __call__(self, lay: Any) -> int:
+    def __call__(self, lay: Layout) -> int:
+        """The teacher's size of ``lay``."""
         return self.maps.tsize(lay)
 
-    def src(self, lay: Any) -> torch.Tensor | None:
+    def src(self, lay: Layout) -> torch.Tensor | None:
+        """Teacher channel j of ``lay`` copies student channel ``src[j]``; None where ``lay`` does not widen."""
         return self.maps.src(lay)
 
-    def student(self, lay: Any) -> int:
+    def student(self, lay: Layout) -> int:
+        """The student's size of ``lay``."""
         return self.maps.size(lay)
 
     def constant(self, before: fx.Node, value: torch.Tensor) -> fx.Node:

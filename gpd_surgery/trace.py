@@ -6,8 +6,9 @@ import copy
 import importlib
 import math
 import os
+import sys
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Protocol
 
 import torch
 import torch.fx as fx
@@ -211,8 +212,20 @@ def default_input_shape(spec: str) -> tuple[int, ...]:
 
 
 # -- tracing -----------------------------------------------------------------
+class TraceRules(Protocol):
+    """What the tracer asks of a rule registry (``rules.Registry``): which modules it keeps whole, and
+    which functions it records as one call."""
+
+    def is_leaf(self, m: nn.Module) -> bool: ...
+
+    def autowrapped(self) -> set[Callable[..., Any]]: ...
+
+
 def leaf_modules_and_wrapped(model: nn.Module) -> tuple[set[type], set]:
-    """Leaf module types and autowrapped functions that timm registers for fx, when timm is installed."""
+    """Leaf module types and autowrapped functions that timm registers for fx. Only a model that uses timm
+    needs them, and timm is then imported already: a model without it never pays for importing timm."""
+    if "timm" not in sys.modules:
+        return set(), set()
     try:
         from timm.layers import _fx  # type: ignore[attr-defined]
     except Exception:
@@ -221,9 +234,10 @@ def leaf_modules_and_wrapped(model: nn.Module) -> tuple[set[type], set]:
 
 
 class _Tracer(fx.Tracer):
-    def __init__(self, leaves: set[type], wrapped: set) -> None:
-        super().__init__(autowrap_functions=tuple(wrapped))
+    def __init__(self, leaves: set[type], wrapped: set, rules: TraceRules | None) -> None:
+        super().__init__(autowrap_functions=tuple(wrapped | (rules.autowrapped() if rules is not None else set())))
         self._leaves = tuple(leaves)
+        self._rules = rules
         self.path: list[str] = []  # the submodules being traced, to say where tracing failed
 
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
@@ -235,12 +249,15 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if isinstance(m, nn.MultiheadAttention) or (self._leaves and isinstance(m, self._leaves)):
             return True
+        if self._rules is not None and self._rules.is_leaf(m):  # a module a rule was registered for
+            return True
         return super().is_leaf_module(m, qualname)
 
 
-def trace(model: nn.Module) -> fx.GraphModule:
-    """Symbolically trace ``model``; an untraceable model is a user error naming where fx stopped."""
-    tracer = _Tracer(*leaf_modules_and_wrapped(model))
+def trace(model: nn.Module, rules: TraceRules | None = None) -> fx.GraphModule:
+    """Symbolically trace ``model``, keeping whole the modules that ``rules`` registered as leaves (and
+    recording its functions as one call); an untraceable model is a user error naming where fx stopped."""
+    tracer = _Tracer(*leaf_modules_and_wrapped(model), rules)
     try:
         graph = tracer.trace(model, concrete_args=_optional_args(model))
     except Exception as e:

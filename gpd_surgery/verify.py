@@ -18,6 +18,7 @@ from .expand import Student, build_teacher, check_teacher_memory, make_plan, pre
 from .maps import Maps
 from .memory import check_memory
 from .plan import Plan
+from .rules import Registry
 from .trace import forward_bytes
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
@@ -89,18 +90,19 @@ def devices(choice: str | None) -> list[str]:
     return [choice]
 
 
-def rebuild(model: nn.Module, plan: Plan, tensors: dict[str, torch.Tensor], input_shape: tuple[int, ...]
-            ) -> tuple[Student, Maps, fx.GraphModule]:
-    """Trace the student again, check that it is the architecture the plan was made from, build the teacher."""
-    student, maps = replan(model, plan, input_shape)
+def rebuild(model: nn.Module, plan: Plan, tensors: dict[str, torch.Tensor], input_shape: tuple[int, ...],
+            rules: Registry | None = None) -> tuple[Student, Maps, fx.GraphModule]:
+    """Trace the student again (with the ``rules`` it was expanded with), check that it is the architecture
+    the plan was made from, build the teacher."""
+    student, maps = replan(model, plan, input_shape, rules=rules)
     return student, maps, build_teacher(student, maps, tensors, plan.branches)
 
 
-def replan(model: nn.Module, plan: Plan, input_shape: tuple[int, ...], memory_factor: int = 2
-           ) -> tuple[Student, Maps]:
+def replan(model: nn.Module, plan: Plan, input_shape: tuple[int, ...], memory_factor: int = 2,
+           rules: Registry | None = None) -> tuple[Student, Maps]:
     """The traced student and its maps, checked against the plan; memory for ``memory_factor`` teachers (in
     the model's dtype) checked from sizes before any map is built."""
-    student = prepare(model, input_shape, None)
+    student = prepare(model, input_shape, None, rules)
     check_teacher_memory(student.analysis, model, plan.ratio, None, memory_factor)
     again, maps = make_plan(student, model, plan.ratio, plan.seed, plan.equal_shares, plan.source)
     mine, theirs = _structure(again), _structure(plan)
@@ -413,10 +415,11 @@ def is_constant(outputs: list[list[torch.Tensor]]) -> bool:
 
 def verify(model: nn.Module, plan: Plan, tensors: dict[str, torch.Tensor], input_shape: tuple[int, ...] | None = None,
            device: str | None = None, n_inputs: int = 3, seed: int = 0, trained: bool = False,
-           progress: Callable[[str], None] | None = None) -> Report:
+           progress: Callable[[str], None] | None = None, rules: Registry | None = None) -> Report:
     """Compare the student ``model`` with the teacher rebuilt from ``plan`` and ``tensors`` (IR): outputs, and
     the activation invariant at every node; and the extracted student with the teacher's student view (CBR).
-    ``progress`` is called with a short label before each step."""
+    ``progress`` is called with a short label before each step; ``rules``: those the teacher was expanded
+    with."""
     import time
 
     step = progress or (lambda label: None)
@@ -425,7 +428,8 @@ def verify(model: nn.Module, plan: Plan, tensors: dict[str, torch.Tensor], input
         raise GPDError("the plan records no input shape: pass --input-shape")
     t0 = time.perf_counter()
     step("tracing the student")
-    student, maps = replan(model, plan, shape, memory_factor=3)  # float32 and float64 teachers, one at a time
+    # Memory for the float32 and float64 teachers, built one at a time.
+    student, maps = replan(model, plan, shape, memory_factor=3, rules=rules)
     # The comparison inside keeps every student activation (float64) while the teacher, up to ``ratio`` times
     # wider, runs: refused before it starts when a shape (the plan's, or --input-shape) makes that too much.
     need = forward_bytes(student.gm, shape, torch.float64, total=True) * (1 + plan.ratio)

@@ -180,7 +180,8 @@ def test_timm_window_functions_are_channels_last():
     timm = pytest.importorskip("timm")  # noqa: F841
     import importlib
 
-    from gpd_surgery.rules import RULES, channels_last_window
+    import gpd_surgery.rules.timm  # noqa: F401 (loaded at a model's first timm op otherwise)
+    from gpd_surgery.rules import DEFAULT as RULES, channels_last_window
 
     for module, fns in {"davit": ("window_partition", "window_reverse"), "gcvit": ("window_reverse",),
                         "maxxvit": ("grid_partition", "grid_reverse"), "nest": ("blockify", "deblockify"),
