@@ -15,7 +15,8 @@ from typing import IO, Any, Callable, TypeVar
 import torch
 from torch import nn
 
-from .errors import GPDError, PlanError
+from .errors import GPDError, PlanError, first_line
+from .limits import MAX_HEADER
 from .plan import DTYPE_NAMES, DTYPES, Plan, check_tensors
 
 PLAN_KEY = "gpd_plan"
@@ -29,11 +30,6 @@ _ST_CODES = {DTYPES[v]: k for k, v in _ST_DTYPES.items()}
 _ST_ORDER = {k: i for i, k in enumerate(["BOOL", "U8", "I8", "I16", "F16", "BF16", "I32", "F32", "F64", "I64"])}
 Header = dict[str, tuple[tuple[int, ...], str]]
 T = TypeVar("T")
-
-
-def _line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 def check_input_file(path: str, what: str = "file") -> None:
@@ -287,7 +283,6 @@ def save_teacher(path: str, plan: Plan, tensors: dict[str, torch.Tensor], *, dur
 # Files are read with plain reads into tensors of the sizes the header states, never mapped: a file
 # truncated while it is read is a short read (one clear error), not a SIGBUS, and nothing is allocated
 # beyond what the file holds, since every tensor's bytes must lie inside it.
-MAX_HEADER = 100 << 20  # as safetensors itself: a header is JSON text, never gigabytes
 
 
 def _guard(path: str, fn: Callable[[], T]) -> T:
@@ -297,7 +292,7 @@ def _guard(path: str, fn: Callable[[], T]) -> T:
     except (GPDError, KeyboardInterrupt, SystemExit):
         raise
     except BaseException as e:  # safetensors' Rust panics derive from BaseException, not Exception
-        raise PlanError(f"{path} is not a readable safetensors file ({_line(e)})") from None
+        raise PlanError(f"{path} is not a readable safetensors file ({first_line(e)})") from None
 
 
 def _not_safetensors(path: str, head: bytes) -> PlanError:
@@ -332,7 +327,7 @@ def _parse_header(path: str, f: IO[bytes]) -> tuple[dict[str, str], dict[str, tu
     try:
         obj = json.loads(text.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (ValueError, RecursionError) as e:
-        raise PlanError(f"{path} is not a safetensors file: its header is not JSON ({_line(e)})") from None
+        raise PlanError(f"{path} is not a safetensors file: its header is not JSON ({first_line(e)})") from None
     if not isinstance(obj, dict):
         raise PlanError(f"{path} is not a safetensors file: its header is not a JSON object")
     meta = obj.pop("__metadata__", None) or {}
@@ -478,7 +473,7 @@ def _unpickle_state(path: str, trust_pickle: bool) -> dict[str, torch.Tensor]:
         except Exception as e2:  # unpickling can raise anything
             why = (": its model class was defined in the script that saved it (__main__) and cannot be imported "
                    "here; save model.state_dict() instead" if "__main__" in str(e2) else f": {type(e2).__name__}: "
-                   f"{_line(e2)}")
+                   f"{first_line(e2)}")
             raise GPDError(f"cannot unpickle weights file {path}{why}") from None
         if isinstance(state, nn.Module):
             state = state.state_dict()
@@ -520,4 +515,4 @@ def load_weights(model: nn.Module, path: str, *, trust_pickle: bool = False,
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:  # e.g. a complex tensor for a real parameter
-        raise GPDError(f"weights {path} do not fit the model: {_line(e)}") from None
+        raise GPDError(f"weights {path} do not fit the model: {first_line(e)}") from None
