@@ -10,7 +10,7 @@ import os
 import struct
 import sys
 import tempfile
-from typing import IO, Any, Callable, TypeVar
+from typing import IO, Any, Callable
 
 import torch
 from torch import nn
@@ -29,7 +29,6 @@ _ST_CODES = {DTYPES[v]: k for k, v in _ST_DTYPES.items()}
 # safetensors lays tensors out by dtype (this order, reversed), then by name; gpd writes the same bytes.
 _ST_ORDER = {k: i for i, k in enumerate(["BOOL", "U8", "I8", "I16", "F16", "BF16", "I32", "F32", "F64", "I64"])}
 Header = dict[str, tuple[tuple[int, ...], str]]
-T = TypeVar("T")
 
 
 def check_input_file(path: str, what: str = "file") -> None:
@@ -283,16 +282,6 @@ def save_teacher(path: str, plan: Plan, tensors: dict[str, torch.Tensor], *, dur
 # Files are read with plain reads into tensors of the sizes the header states, never mapped: a file
 # truncated while it is read is a short read (one clear error), not a SIGBUS, and nothing is allocated
 # beyond what the file holds, since every tensor's bytes must lie inside it.
-
-
-def _guard(path: str, fn: Callable[[], T]) -> T:
-    """Run a safetensors read; whatever a damaged file makes it raise becomes one PlanError."""
-    try:
-        return fn()
-    except (GPDError, KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as e:  # safetensors' Rust panics derive from BaseException, not Exception
-        raise PlanError(f"{path} is not a readable safetensors file ({first_line(e)})") from None
 
 
 def _not_safetensors(path: str, head: bytes) -> PlanError:

@@ -463,7 +463,7 @@ def verify(model: nn.Module, plan: Plan, tensors: dict[str, torch.Tensor], input
             if len(reference) < len(inputs):
                 reference += _run_outputs(_placed(model, dev, dt), inputs[len(reference):], dev, dt)
             constant = constant or (dt == torch.float64 and is_constant(reference))
-            teacher_out: Outputs = lambda i, x: known.pop(i) if i in known else _outputs(placed(x))  # noqa: B023
+            teacher_out: Outputs = lambda i, x, t=placed: known.pop(i) if i in known else _outputs(t(x))  # noqa: B023
             checks.append(_compare_placed(lambda i, x: reference[i], teacher_out, inputs, dev, dt, reference))
             step(f"extracted = student view ({name})")
             extraction.append(extraction_check(model, plan, tensors, placed, student, inputs, dev, dt, reference))
