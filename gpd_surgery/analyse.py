@@ -9,7 +9,7 @@ weight).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 import torch.fx as fx
@@ -18,12 +18,10 @@ from torch import nn
 from .layout import BOUNDARY, Layout, Spaces
 from .trace import TensorSpec
 
-if TYPE_CHECKING:
-    from .expand import Sizes
-
 Dims = Any  # list[Layout] for a tensor, tuple of Dims for a tuple, None otherwise
-ModuleHook = Callable[[nn.Module, "Sizes"], "nn.Module | None"]
-NodeHook = Callable[[fx.Node, "Sizes"], None]
+# Build hooks get the teacher's module or node and an ``expand.Sizes`` (built after the analysis).
+ModuleHook = Callable[[nn.Module, Any], "nn.Module | None"]
+NodeHook = Callable[[fx.Node, Any], None]
 Rule = Callable[["Ctx"], Dims]
 PLAIN_VALUE = "gpd: plain value"  # the key of the rule for nodes that compute plain values (sizes) from no tensor
 
