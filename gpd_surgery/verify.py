@@ -142,10 +142,12 @@ def _outputs(y: Any) -> list[torch.Tensor]:
 
 
 def compare(student: nn.Module, teacher: nn.Module, inputs: Iterable[torch.Tensor], device: str,
-            dtype: torch.dtype) -> Check:
-    """Outputs of copies of ``student`` and ``teacher`` in ``dtype`` on ``device`` (the modules are left as they are)."""
-    s = copy.deepcopy(student).to(device=device, dtype=dtype).eval()
-    t = copy.deepcopy(teacher).to(device=device, dtype=dtype).eval()
+            dtype: torch.dtype, *, in_place: bool = False) -> Check:
+    """Outputs of copies of ``student`` and ``teacher`` in ``dtype`` on ``device`` (the modules are left as they
+    are), or with ``in_place`` of the modules themselves, moved there (no copy: for models of gigabytes)."""
+    place = (lambda m: m) if in_place else copy.deepcopy
+    s = place(student).to(device=device, dtype=dtype).eval()
+    t = place(teacher).to(device=device, dtype=dtype).eval()
     return _compare_placed(s, t, inputs, device, dtype)
 
 
