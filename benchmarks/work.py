@@ -223,7 +223,7 @@ def train(a: dict[str, Any]) -> dict[str, Any]:
 
     import torch.nn.functional as F
 
-    from gpd_surgery.train import GPDLoss, GPDModel, TrainConfig, make_optimizer
+    from gpd_surgery.training import GPDLoss, GPDModel, TrainConfig, make_optimizer
 
     torch.manual_seed(0)
     if a["arch"] == "resnet18":

@@ -12,32 +12,24 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from typer.main import get_command
-from typer.testing import CliRunner
 
-from conftest import randomize
+from conftest import MODEL, gpd, randomize
 from gpd_surgery import expand
 from gpd_surgery.cli import app
-from gpd_surgery.data import synthetic
 from gpd_surgery.examples import small_cnn
 from gpd_surgery.io import load_teacher_file
-from gpd_surgery.train import (GPDLoss, GPDModel, PlainModel, TrainConfig, Trainer, distill_loss, lr_at,
-                               num_outputs)
+from gpd_surgery.training import (GPDLoss, GPDModel, PlainModel, TrainConfig, Trainer, distill_loss, lr_at,
+                                  num_outputs, synthetic)
 
 torchvision = pytest.importorskip("torchvision")
 
-CNN = "gpd_surgery.examples:small_cnn"
 VIT = "torchvision.models.vision_transformer:VisionTransformer"
 VIT_ARGS = {"image_size": 16, "patch_size": 8, "num_layers": 1, "num_heads": 2, "hidden_dim": 16, "mlp_dim": 32,
             "num_classes": 4}
 SHAPE = (1, 3, 16, 16)
-runner = CliRunner()
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def gpd(*args, env=None):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False, env=env)
 
 
 def vit_args():
@@ -166,7 +158,7 @@ def test_plain_baseline(tmp_path):
 
 # -- resume ------------------------------------------------------------------------------------------
 def _cli_run(out, *extra):
-    r = gpd("train", CNN, "--model-arg", "num_classes=4", "--model-arg", "width=8", "--data", "synthetic",
+    r = gpd("train", MODEL, "--model-arg", "num_classes=4", "--model-arg", "width=8", "--data", "synthetic",
             "--synthetic-size", 48, "--image-size", 16, "--batch-size", 16, "--epochs", 2, "--device", "cpu",
             "--output-dir", out, "--json", *extra)
     assert r.exit_code == 0, r.output
@@ -189,19 +181,19 @@ def test_resume_is_exact(tmp_path):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
     # Resuming with other settings, or from a checkpoint that does not match its state, is refused.
-    r = gpd("train", CNN, "--data", "synthetic", "--synthetic-size", 48, "--image-size", 16, "--batch-size", 16,
+    r = gpd("train", MODEL, "--data", "synthetic", "--synthetic-size", 48, "--image-size", 16, "--batch-size", 16,
             "--epochs", 2, "--lr", 0.01, "--device", "cpu", "--output-dir", b, "--resume")
     assert r.exit_code == 2 and "other settings" in r.output and "lr" in r.output
     shutil.copy(a / "train_state.pt", tmp_path / "state.pt")
     c = tmp_path / "c"
     _cli_run(c, "--stop-after", 1)
     shutil.copy(tmp_path / "state.pt", c / "train_state.pt")  # the state of another epoch
-    r = gpd("train", CNN, "--model-arg", "num_classes=4", "--model-arg", "width=8", "--data", "synthetic",
+    r = gpd("train", MODEL, "--model-arg", "num_classes=4", "--model-arg", "width=8", "--data", "synthetic",
             "--synthetic-size", 48, "--image-size", 16, "--batch-size", 16, "--epochs", 2, "--device", "cpu",
             "--output-dir", c, "--resume")
     assert r.exit_code == 2 and "is not the checkpoint" in r.output
     # A folder holding a run needs --resume or --force.
-    r = gpd("train", CNN, "--data", "synthetic", "--output-dir", a)
+    r = gpd("train", MODEL, "--data", "synthetic", "--output-dir", a)
     assert r.exit_code == 2 and "--resume" in r.output and "--force" in r.output
 
 
@@ -278,7 +270,7 @@ def test_image_folder_training(tmp_path):
     _images(tmp_path / "data" / "train", 3)
     _images(tmp_path / "data" / "val", 3, per_class=1)
     out = tmp_path / "out"
-    r = gpd("train", CNN, "--model-arg", "num_classes=3", "--model-arg", "width=8", "--data", tmp_path / "data",
+    r = gpd("train", MODEL, "--model-arg", "num_classes=3", "--model-arg", "width=8", "--data", tmp_path / "data",
             "--image-size", 8, "--batch-size", 3, "--epochs", 1, "--device", "cpu", "--output-dir", out,
             "--ratio", "1.5", "--branches", "kxk,lowrank", "--optimizer", "adamw", "--distill", "sce",
             "--label-smoothing", "0.1", "--warmup-epochs", "0.5")
@@ -286,9 +278,9 @@ def test_image_folder_training(tmp_path):
     assert "epoch   1" in r.output and "val" in r.output and "final validation" in r.output
     small_cnn(num_classes=3, width=8).load_state_dict(load_file(str(out / "student.safetensors")), strict=True)
     # Training on from the trained teacher file (a second stage), with a static teacher.
-    r = gpd("train", CNN, "--data", tmp_path / "data", "--batch-size", 3, "--epochs", 1, "--device", "cpu",
+    r = gpd("train", MODEL, "--data", tmp_path / "data", "--batch-size", 3, "--epochs", 1, "--device", "cpu",
             "--output-dir", tmp_path / "out2", "--teacher", out / "teacher.safetensors",
-            "--static-teacher", CNN, "--static-model-arg", "num_classes=3", "--static-model-arg", "width=4", "--json")
+            "--static-teacher", MODEL, "--static-model-arg", "num_classes=3", "--static-model-arg", "width=4", "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["complete"]
 
@@ -302,25 +294,25 @@ def test_errors(tmp_path):
         assert len(lines) == 1 and lines[0].startswith("error: "), r.output
         return lines[0]
 
-    assert "does not exist" in err(CNN, "--data", tmp_path / "nowhere")
+    assert "does not exist" in err(MODEL, "--data", tmp_path / "nowhere")
     (tmp_path / "file").write_text("x")
-    assert "is not a folder" in err(CNN, "--data", tmp_path / "file")
+    assert "is not a folder" in err(MODEL, "--data", tmp_path / "file")
     (tmp_path / "empty" / "train").mkdir(parents=True)
-    assert "is empty" in err(CNN, "--data", tmp_path / "empty")
+    assert "is empty" in err(MODEL, "--data", tmp_path / "empty")
     (tmp_path / "empty" / "train" / "cat").mkdir()
     (tmp_path / "empty" / "train" / "dog").mkdir()
-    assert "is empty: no images" in err(CNN, "--data", tmp_path / "empty")
+    assert "is empty: no images" in err(MODEL, "--data", tmp_path / "empty")
     _images(tmp_path / "three" / "train", 3)
-    line = err(CNN, "--data", tmp_path / "three", "--image-size", 8)
+    line = err(MODEL, "--data", tmp_path / "three", "--image-size", 8)
     assert "3 classes" in line and "10 outputs" in line and "--model-arg num_classes=3" in line
-    line = err(CNN, "--data", "synthetic", "--static-teacher", CNN, "--static-model-arg", "num_classes=5",
+    line = err(MODEL, "--data", "synthetic", "--static-teacher", MODEL, "--static-model-arg", "num_classes=5",
                "--image-size", 8)
     assert "static teacher has 5 outputs" in line and "10" in line
-    assert "--static-teacher" in err(CNN, "--data", "synthetic", "--static-weights", tmp_path / "file")
-    assert "unknown distillation loss" in err(CNN, "--data", "synthetic", "--distill", "mse")
-    assert "unknown optimizer" in err(CNN, "--data", "synthetic", "--optimizer", "lbfgs")
-    assert "--resume" in err(CNN, "--data", "synthetic", "--teacher", tmp_path / "file", "--resume")
-    assert "does not exist" in err(CNN, "--data", "synthetic", "--resume")
+    assert "--static-teacher" in err(MODEL, "--data", "synthetic", "--static-weights", tmp_path / "file")
+    assert "unknown distillation loss" in err(MODEL, "--data", "synthetic", "--distill", "mse")
+    assert "unknown optimizer" in err(MODEL, "--data", "synthetic", "--optimizer", "lbfgs")
+    assert "--resume" in err(MODEL, "--data", "synthetic", "--teacher", tmp_path / "file", "--resume")
+    assert "does not exist" in err(MODEL, "--data", "synthetic", "--resume")
 
 
 def test_num_outputs_and_synthetic_task():
@@ -339,13 +331,13 @@ def test_cuda_training(tmp_path):
     """On the GPU: train, stop, resume; the extracted student is the student view of the file on the CPU."""
     args = ["--model-arg", "num_classes=4", "--model-arg", "width=8", "--data", "synthetic", "--synthetic-size", 64,
             "--image-size", 16, "--batch-size", 16, "--epochs", 2, "--device", "cuda", "--json"]
-    r = gpd("train", CNN, *args, "--output-dir", tmp_path / "a", "--stop-after", 1)
+    r = gpd("train", MODEL, *args, "--output-dir", tmp_path / "a", "--stop-after", 1)
     assert r.exit_code == 0, r.output
-    r = gpd("train", CNN, *args, "--output-dir", tmp_path / "a", "--resume")
+    r = gpd("train", MODEL, *args, "--output-dir", tmp_path / "a", "--resume")
     assert r.exit_code == 0, r.output
     res = json.loads(r.output)
     assert res["complete"]
-    full = json.loads(gpd("train", CNN, *args, "--output-dir", tmp_path / "b").output)
+    full = json.loads(gpd("train", MODEL, *args, "--output-dir", tmp_path / "b").output)
     for h1, h2 in zip(res["history"], full["history"], strict=True):
         assert h1["val"]["student_acc"] == pytest.approx(h2["val"]["student_acc"], abs=0.05)
     model = GPDModel.from_file(str(tmp_path / "a" / "teacher.safetensors"), tiny_cnn()).double().eval()

@@ -1,7 +1,6 @@
 """`gpd train` hardening: a kill at any point of a checkpoint leaves no temporary file and a run that --resume
 continues exactly; a malformed train_state.pt, a NaN starting teacher, a corrupt image, a decompression bomb and
 a symlink loop in the data folder are each one clear line (exit 2) or a warning, never a crash."""
-import copy
 import json
 import os
 import shutil
@@ -15,43 +14,28 @@ import zlib
 import pytest
 import torch
 from safetensors.torch import save_file
-from typer.testing import CliRunner
 
+from conftest import MODEL, gpd, one_line_error
 from gpd_surgery import api
-from gpd_surgery import data as gdata
-from gpd_surgery.cli import app
 from gpd_surgery.examples import small_cnn
-from gpd_surgery.io import load_teacher_file, save_teacher
+from gpd_surgery.io import save_teacher
 from gpd_surgery.plan import STUDENT_PREFIX
+from gpd_surgery.training import data as gdata
 
 pytest.importorskip("torchvision")
 from PIL import Image  # noqa: E402  (after the skip: PIL comes with torchvision)
 
-CNN = "gpd_surgery.examples:small_cnn"
 MODEL_ARGS = ["--model-arg", "num_classes=4", "--model-arg", "width=8"]
-RUN = [CNN, *MODEL_ARGS, "--data", "synthetic", "--synthetic-size", "32", "--image-size", "16", "--batch-size", "16",
-       "--epochs", "2", "--device", "cpu"]
-runner = CliRunner()
+RUN = [MODEL, *MODEL_ARGS, "--data", "synthetic", "--synthetic-size", "32", "--image-size", "16", "--batch-size",
+       "16", "--epochs", "2", "--device", "cpu"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def gpd(*args):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
 def train(out, *extra):
     r = gpd("train", *RUN, "--output-dir", out, "--json", *extra)
     assert r.exit_code == 0, r.output
     return json.loads(r.stdout)
-
-
-def one_line_error(r):
-    """Exit 2, a single ``error:`` line, no traceback."""
-    assert r.exit_code == 2, r.output
-    lines = r.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.output
-    return lines[0]
 
 
 def _strip(history):
@@ -74,7 +58,7 @@ KILL_POINTS = {"during-state-write": ("state", 2), "between-teacher-and-state": 
 KILLER = textwrap.dedent("""
     import json, os, signal, sys
     import torch
-    from gpd_surgery import train as gt
+    from gpd_surgery.training import checkpoints as gt
     from gpd_surgery.cli import main
 
     def run(mode, n, argv):
@@ -227,7 +211,7 @@ def test_the_intact_state_resumes(stopped, full_run, tmp_path):
 
 # -- non-finite starting weights -------------------------------------------------------------------
 def test_a_nan_teacher_is_named_not_blamed_on_the_learning_rate(tmp_path):
-    res = api.expand(small_cnn(num_classes=4, width=8).eval(), (1, 3, 16, 16), 2.0, source={"model": CNN})
+    res = api.expand(small_cnn(num_classes=4, width=8).eval(), (1, 3, 16, 16), 2.0, source={"model": MODEL})
     plan, tensors = res.plan, dict(res.tensors)
     key = next(k for k in tensors if not k.startswith(STUDENT_PREFIX) and k.endswith("weight"))
     tensors[key] = tensors[key].clone()
@@ -245,7 +229,7 @@ def test_non_finite_student_or_static_weights_are_named(tmp_path, who):
     state[key].view(-1)[0] = float("inf")
     save_file(state, str(tmp_path / "w.safetensors"))
     extra = (["--plain", "--weights", tmp_path / "w.safetensors"] if who == "student" else
-             ["--static-teacher", CNN, "--static-model-arg", "num_classes=4", "--static-model-arg", "width=8",
+             ["--static-teacher", MODEL, "--static-model-arg", "num_classes=4", "--static-model-arg", "width=8",
               "--static-weights", tmp_path / "w.safetensors"])
     msg = one_line_error(gpd("train", *RUN, *extra, "--output-dir", tmp_path / "o"))
     what = "the student's weights" if who == "student" else "the static teacher's weights"
@@ -270,8 +254,8 @@ def _png_bomb(path, side=100_000):
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk)
 
 
-IMAGE_RUN = [CNN, "--model-arg", "num_classes=2", "--model-arg", "width=8", "--image-size", "8", "--batch-size", "4",
-             "--epochs", "1", "--device", "cpu"]
+IMAGE_RUN = [MODEL, "--model-arg", "num_classes=2", "--model-arg", "width=8", "--image-size", "8", "--batch-size",
+             "4", "--epochs", "1", "--device", "cpu"]
 
 
 @pytest.mark.parametrize("damage", ["not an image", "truncated", "bomb", "over the bound"])

@@ -7,12 +7,10 @@ from typing import Any, List, Optional
 
 import typer
 
-from ..errors import GPDError
 from ..limits import MAX_SEED
 from ..progress import steps
 from . import common
-from .common import (DEBUG_OPT, JSON_OPT, MODEL_HELP, TRUST_OPT, app, guarded, model_args_of, plan_model, ratio_of,
-                     safe, student, weights_source)
+from .common import DEBUG_OPT, JSON_OPT, MODEL_HELP, TRUST_OPT, app, guarded, safe
 
 
 @app.command()
@@ -86,89 +84,42 @@ def train(
 ) -> int:
     """Train MODEL with Gap Preserving Distillation: a dynamic teacher (MODEL widened exactly) and the student,
     sharing parameters, trained together; then extract the student. Runs as DDP under torchrun."""
-    from .. import data as datasets
-    from .. import train as gt
-    from ..branches import parse as parse_branches
-    from ..io import load_teacher_file
-    from ..trace import parse_model_args
+    from ..training import ConsoleReporter, Reporter, TrainConfig
+    from ..training.job import TrainRequest, prepare
 
-    cfg = gt.TrainConfig(
+    config = TrainConfig(
         epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum,
         weight_decay=weight_decay, warmup_epochs=warmup_epochs, lam=lam, teacher_ce=teacher_ce,
         student_ce=student_ce, static_teacher_weight=static_teacher_weight,
         static_student_weight=static_student_weight, distill=distill, temperature=temperature,
         label_smoothing=label_smoothing, seed=seed, plain=plain, device=device, num_workers=num_workers,
         stop_after=stop_after)
-    if augment not in ("none", "crop", "crop-flip"):
-        raise GPDError(f"unknown --augment {augment!r}: choose none, crop or crop-flip")
-    if teacher and (resume or plain):
-        raise GPDError(f"--teacher does not go with {'--resume' if resume else '--plain'}")
-    if static_weights and not static_teacher:
-        raise GPDError("--static-weights needs --static-teacher")
-    # Only rank 0 shows progress; it ends before training starts its own live display.
-    with steps(common.err, as_json or int(os.environ.get("RANK", "0")) != 0) as step:
-        source_file = os.path.join(output_dir, gt.TEACHER_FILE) if resume and not plain else teacher
-        if source_file:
-            step(f"reading {source_file}")
-        plan = load_teacher_file(source_file)[0] if source_file else None
-        if plan is not None and (ratio is not None or branches is not None):
-            raise GPDError("--ratio and --branches set up a new teacher: they do not apply to "
-                           + ("--resume" if resume else "--teacher") + ", whose file has its own")
-        if plan is not None and weights:
-            raise GPDError("--weights initialize a new student: the teacher file already holds the weights")
-        if model is None:
-            if plan is None:
-                raise GPDError("pass MODEL, the student's spec (e.g. torchvision:resnet18): without --teacher or "
-                               "--resume there is no plan to take it from")
-            model = plan_model(plan, source_file, f"gpd train MODEL --teacher {source_file}" if teacher else
-                               "gpd train MODEL --resume")
-        r = ratio_of(ratio or "2")
-        kinds = parse_branches(branches or "default")
-        args = model_args_of(model_arg, plan)
-        planned = tuple(plan.source.get("input_shape") or ()) if plan is not None else ()
-        size = image_size or (planned[-1] if len(planned) == 4 else (32 if data == "synthetic" else 224))
-        shape = (1, 3, size, size)
-        step(f"loading {model}")
-        m = student(model, None if resume else weights, args, trust_pickle, plan)
-        step(f"loading the data ({data})")
-        if data == "synthetic":
-            k = gt.num_outputs(m, shape)
-            train_set, val_set = datasets.synthetic(k, size, synthetic_size, seed=data_seed)
-        else:
-            train_set, val_set, classes = datasets.image_folder(data, size, val_fraction, data_seed, augment)
-            k = len(classes)
-        static = None
-        if static_teacher:
-            step(f"loading the static teacher {static_teacher}")
-            static = student(static_teacher, static_weights, parse_model_args(static_model_arg), trust_pickle)
-    identity = {"model": model, "model_args": args, "data": data, "image_size": size, "data_seed": data_seed}
-    if data == "synthetic":
-        identity["synthetic_size"] = synthetic_size
-    else:
-        identity.update(val_fraction=val_fraction, augment=augment)
-    if static_teacher:
-        identity["static_teacher"] = static_teacher
-    source = {"model": model, "model_args": args, **weights_source(None if resume else weights)}
+    request = TrainRequest(
+        data=data, output_dir=output_dir, model=model, model_args=model_arg, weights=weights, teacher=teacher,
+        ratio=ratio, branches=branches, image_size=image_size, data_seed=data_seed, synthetic_size=synthetic_size,
+        val_fraction=val_fraction, augment=augment, static_teacher=static_teacher, static_weights=static_weights,
+        static_model_args=static_model_arg, resume=resume, force=force, trust_pickle=trust_pickle)
     main_rank = int(os.environ.get("RANK", "0")) == 0
-    reporter = gt.ConsoleReporter(common.out) if main_rank and not as_json else gt.Reporter()
+    # Only rank 0 shows progress; it ends before training starts its own live display.
+    with steps(common.err, as_json or not main_rank) as step:
+        job = prepare(request, config, step)
+    reporter = ConsoleReporter(common.out) if main_rank and not as_json else Reporter()
     try:
-        result = gt.train(m, train_set, val_set, output_dir, cfg, input_shape=shape, ratio=r, branches=kinds,
-                          expand_seed=seed, teacher_file=teacher, static_teacher=static, num_classes=k,
-                          source=source, resume=resume, force=force, reporter=reporter, identity=identity)
+        result = job.run(reporter)
     finally:
-        if isinstance(reporter, gt.ConsoleReporter):
+        if isinstance(reporter, ConsoleReporter):
             reporter.close()
     if not main_rank:
         return 0
     if as_json:
-        print(json.dumps({"model": model, "output_dir": output_dir, **result}))
+        print(json.dumps({"model": job.model, "output_dir": output_dir, **result}))
     else:
         _print_train(result)
     return 0
 
 
 def _print_train(r: dict[str, Any]) -> None:
-    from ..train import format_metrics
+    from ..training import format_metrics
 
     last = r["history"][-1] if r["history"] else None
     if last is not None and "val" in last:

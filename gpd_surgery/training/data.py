@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from .errors import GPDError, first_line
+from ..errors import GPDError, first_line
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
