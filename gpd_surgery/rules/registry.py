@@ -9,6 +9,7 @@ library's modules or functions, so that importing gpd-surgery never imports thos
 from __future__ import annotations
 
 import importlib
+import sys
 import types
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -59,6 +60,7 @@ class Registry:
         return deco
 
     def get(self, key: RuleKey) -> Rule | None:
+        """The rule registered for exactly ``key``, here or in a parent registry."""
         entry = self._entry(key)
         return entry.rule if entry is not None else None
 
@@ -120,8 +122,8 @@ def _load_library_rules(op: Any) -> None:
     """Import the rules for the library that ``op`` (a module class or a function) comes from, once. Never
     while tracing: fx then replaces the functions a library wraps, and their rules would be keyed by that."""
     owner = getattr(op, "__module__", None)
-    name = LIBRARY_RULES.pop(owner.partition(".")[0], None) if isinstance(owner, str) else None
-    if name is not None:
+    name = LIBRARY_RULES.get(owner.partition(".")[0]) if isinstance(owner, str) else None
+    if name is not None and name not in sys.modules:
         importlib.import_module(name)
 
 
