@@ -19,16 +19,14 @@ import torchvision  # noqa: F401  (imported by every case, so that all baselines
 from safetensors.torch import load_file, save_file
 
 import gpd_surgery.api as api
-import gpd_surgery.expand
-import gpd_surgery.verify
+import gpd_surgery.expansion as gexpand
+import gpd_surgery.verification as gverify
 from gpd_surgery.io import atomic_save, load_teacher_file, load_weights
 from gpd_surgery.memory import check_memory
 from gpd_surgery.plan import STUDENT_PREFIX
 from gpd_surgery.trace import load_model
 
 MIB = 1024 * 1024
-# the modules themselves: the package exports functions of the same names
-gexpand, gverify = sys.modules["gpd_surgery.expand"], sys.modules["gpd_surgery.verify"]
 
 
 # -- memory -------------------------------------------------------------------------------------------

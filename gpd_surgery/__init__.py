@@ -11,14 +11,14 @@ __version__ = "0.1.0"
 from .analyse import Ctx
 from .api import (Expanded, Planned, expand, extract, inspect, load_student_view, load_teacher, plan_expansion,
                   verify)
-from .collapse import collapse
+from .collapsing import collapse
 from .errors import GPDError, PlanError
-from .expand import Sizes
+from .expansion import Sizes
 from .io import load_teacher_file
 from .plan import Plan
 from .rules import Registry, register_rule
 from .student_view import StudentView
-from .verify import Report
+from .verification import Report
 
 __all__ = [
     "Ctx", "Expanded", "GPDError", "Plan", "PlanError", "Planned", "Registry", "Report", "Sizes", "StudentView",

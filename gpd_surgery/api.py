@@ -1,7 +1,7 @@
 """The Python API: the same operations as the CLI, on modules and files.
 
 ``plan_expansion`` (`gpd plan`), ``expand`` (`gpd expand`), ``verify`` (`gpd verify`), ``extract``
-(`gpd extract`), ``inspect`` (`gpd inspect`); `gpd train` is ``gpd_surgery.train.train``.
+(`gpd extract`), ``inspect`` (`gpd inspect`); `gpd train` is ``gpd_surgery.training.train``.
 """
 from __future__ import annotations
 
@@ -14,15 +14,16 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .collapse import collapse
+from .collapsing import collapse
 from .branches import parse as parse_branches
-from .expand import (Student, build_teacher, check_ratio, check_teacher_memory, expand_tensors, init_branch_tensors,
+from .expansion import (Student, build_teacher, check_ratio, check_teacher_memory, expand_tensors, init_branch_tensors,
                      make_plan, plan_branches, prepare, student_state)
 from .io import load_teacher_file, save_teacher
 from .maps import Maps
 from .plan import DTYPES, Plan
 from .rules import Registry
-from .verify import Report, verify as _verify
+from .student_view import StudentView
+from .verification import Report, verify as _verify
 
 
 @dataclass
@@ -155,7 +156,7 @@ def load_teacher(path: str, student: nn.Module, input_shape: tuple[int, ...] | N
                  rules: Registry | None = None) -> fx.GraphModule:
     """The teacher in ``path`` as a trainable module, rebuilt over ``student``'s architecture (checked);
     ``rules``: those the teacher was expanded with."""
-    from .verify import rebuild
+    from .verification import rebuild
 
     plan, tensors = load_teacher_file(path)
     shape = tuple(input_shape or plan.source.get("input_shape") or ())
@@ -164,11 +165,10 @@ def load_teacher(path: str, student: nn.Module, input_shape: tuple[int, ...] | N
 
 
 def load_student_view(path: str, student: nn.Module, input_shape: tuple[int, ...] | None = None, *,
-                      rules: Registry | None = None) -> tuple[fx.GraphModule, "StudentView"]:
+                      rules: Registry | None = None) -> tuple[fx.GraphModule, StudentView]:
     """The teacher in ``path`` and its student view (sharing the teacher's parameters, own buffers); ``rules``:
     those the teacher was expanded with."""
-    from .student_view import StudentView
-    from .verify import rebuild
+    from .verification import rebuild
 
     plan, tensors = load_teacher_file(path)
     shape = tuple(input_shape or plan.source.get("input_shape") or ())

@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from .layout import Cat, Layout, Prod
+from .layout import Cat, Layout
 
 
 def teacher_size(size: int, ratio: float) -> int:

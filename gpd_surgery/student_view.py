@@ -13,7 +13,7 @@ import torch.fx as fx
 from torch import nn
 from torch.func import functional_call
 
-from .collapse import collapse
+from .collapsing import collapse
 from .plan import STUDENT_PREFIX, Plan
 
 

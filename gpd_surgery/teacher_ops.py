@@ -7,7 +7,6 @@ back the student's statistics exactly.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 from .api import expand
-from .collapse import collapse_tensor, merged
+from .collapsing import collapse_tensor, merged
 from .memory import available_bytes
-from .verify import TOLERANCE, _no_tf32, _outputs
+from .verification import TOLERANCE, _no_tf32, _outputs
 
 TRANSFORMERS = ("vit", "swin", "maxvit")
 

@@ -7,7 +7,7 @@ import torchvision
 
 from gpd_surgery import expand
 from gpd_surgery.student_view import StudentView
-from gpd_surgery.verify import verify
+from gpd_surgery.verification import verify
 
 name, ratio, branches = sys.argv[1], float(sys.argv[2]), sys.argv[3]
 shape = (2, 3, 224, 224)

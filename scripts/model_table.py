@@ -13,7 +13,7 @@ sys.path.insert(0, "tests")
 from conftest import randomize  # noqa: E402
 
 from gpd_surgery import collapse, expand  # noqa: E402
-from gpd_surgery.verify import compare  # noqa: E402
+from gpd_surgery.verification import compare  # noqa: E402
 
 SHAPE = {"inception_v3": (2, 3, 96, 96)}
 

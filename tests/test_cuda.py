@@ -9,7 +9,7 @@ from conftest import randomize
 from gpd_surgery import collapse, expand
 from gpd_surgery.examples import small_cnn
 from gpd_surgery.student_view import StudentView
-from gpd_surgery.verify import compare, verify
+from gpd_surgery.verification import compare, verify
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 torchvision = pytest.importorskip("torchvision")

@@ -21,7 +21,7 @@ from safetensors.torch import load as st_load, save as st_save
 
 from conftest import gpd, make_teacher, run_limited
 from gpd_surgery import io as gio
-from gpd_surgery.collapse import collapse
+from gpd_surgery.collapsing import collapse
 from gpd_surgery.errors import PlanError
 from gpd_surgery.examples import small_cnn
 from gpd_surgery.plan import DTYPES, Plan, check_tensors

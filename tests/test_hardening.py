@@ -14,7 +14,7 @@ from conftest import MODEL, gpd, random_init, rewrite_teacher, run_limited
 from gpd_surgery import api, io as gio
 from gpd_surgery.errors import PlanError
 from gpd_surgery.examples import small_cnn
-from gpd_surgery.verify import difference, verify
+from gpd_surgery.verification import difference, verify
 
 def exits_2(code, text):
     """Exit 2 and one ``error:`` line, the last (a ``note:`` before it may say where defaults came from)."""

@@ -6,7 +6,7 @@ import torch
 
 from conftest import randomize
 from gpd_surgery import collapse, expand
-from gpd_surgery.verify import compare
+from gpd_surgery.verification import compare
 
 torchvision = pytest.importorskip("torchvision")
 

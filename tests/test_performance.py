@@ -7,12 +7,12 @@ import torchvision
 from torch import nn
 
 from gpd_surgery import expand
-from gpd_surgery.collapse import collapse, collapse_tensor
-from gpd_surgery.expand import expand_tensor, split_among_copies
+from gpd_surgery.collapsing import collapse, collapse_tensor
+from gpd_surgery.expansion import expand_tensor, split_among_copies
 from gpd_surgery.maps import Maps, leaf_src
 from gpd_surgery.layout import Cat, Prod
 from gpd_surgery.plan import Recipe
-from gpd_surgery.verify import verify
+from gpd_surgery.verification import verify
 
 from conftest import randomize
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpd_surgery import collapse, expand
-from gpd_surgery.verify import verify
+from gpd_surgery.verification import verify
 
 from conftest import random_init
 

@@ -1,5 +1,4 @@
 """Vision transformers and hybrids: torchvision's six, timm models, and hand-made attention blocks."""
-import math
 
 import pytest
 import torch
@@ -8,7 +7,7 @@ from torch import nn
 
 from conftest import randomize
 from gpd_surgery import collapse, expand
-from gpd_surgery.verify import compare
+from gpd_surgery.verification import compare
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -177,7 +176,7 @@ def test_timm_models(name):
 
 def test_timm_window_functions_are_channels_last():
     """The window and block (un)partitions timm wraps from tracing all have the channels-last rule."""
-    timm = pytest.importorskip("timm")  # noqa: F841
+    pytest.importorskip("timm")
     import importlib
 
     import gpd_surgery.rules.timm  # noqa: F401 (loaded at a model's first timm op otherwise)

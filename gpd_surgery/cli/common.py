@@ -6,7 +6,6 @@ rules, torchvision or timm. Commands import the heavy parts inside their bodies.
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import re
 import sys
@@ -128,56 +127,10 @@ def main() -> None:
 # -- students -------------------------------------------------------------------------------------
 def student(model: str, weights: Optional[str], model_args: dict[str, Any], trust_pickle: bool,
             plan: Any = None) -> Any:
-    """The student; with a teacher's ``plan``, checked against the shapes it records before it is allocated."""
-    from ..io import load_weights
-    from ..trace import load_model
+    """``sources.load_student``, its notes on stderr."""
+    from ..sources import load_student
 
-    if not model.startswith(("torchvision:", "timm:")):  # those import nothing from the current directory
-        cwd_on_path()
-    expect = None if plan is None else {r.key: r.shape for r in plan.recipes}
-    try:
-        m = load_model(model, model_args, trust_pickle=trust_pickle, expect=expect)
-    except GPDError:
-        raise
-    except Exception as e:  # the factory's own complaint about its arguments, e.g. a negative width
-        raise GPDError(f"{model} could not be built with {model_args}: {type(e).__name__}: {first_line(e)}") from None
-    if weights:
-        load_weights(m, weights, trust_pickle=trust_pickle, note=note)
-    return m
-
-
-def cwd_on_path() -> None:
-    """As `python -m` does: a module.path:callable spec (or a pickled model's class) may live in the current
-    directory. The console script's sys.path starts with its bin/ folder instead."""
-    cwd = os.getcwd()
-    if "" not in sys.path and cwd not in sys.path:
-        sys.path.insert(0, cwd)
-
-
-def plan_model(plan: Any, teacher: str, usage: str) -> str:
-    """The MODEL spec a teacher's plan records, or a user error saying how to pass one."""
-    spec = plan.source.get("model")
-    if not spec:
-        raise GPDError(f"the plan of {teacher} records no MODEL spec (the teacher was made from Python): pass it, "
-                       f"{usage}")
-    return spec
-
-
-def sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def weights_source(weights: Optional[str]) -> dict[str, Any]:
-    """What the plan records of the student weights, for `gpd verify TEACHER` to find and check them: the
-    absolute path (a relative one would depend on where verify runs) and the file's SHA-256."""
-    if not weights:
-        return {"weights": None}
-    return {"weights": os.path.basename(weights), "weights_path": os.path.abspath(weights),
-            "weights_sha256": sha256(weights)}
+    return load_student(model, weights, model_args, trust_pickle, plan, note)
 
 
 # -- options --------------------------------------------------------------------------------------
@@ -200,7 +153,7 @@ def is_file_spec(model: str) -> bool:
 
 
 def ratio_of(text: str) -> float:
-    from ..expand import check_ratio
+    from ..expansion import check_ratio
 
     return check_ratio(text)
 
@@ -216,12 +169,3 @@ def input_shape_of(text: Optional[str], model: Optional[str] = None,
     if recorded:
         return tuple(recorded)
     return default_input_shape(model) if model else None
-
-
-def model_args_of(items: List[str], plan: Any = None) -> dict[str, Any]:
-    """``--model-arg`` values, or those a teacher's plan records when none are given."""
-    from ..trace import parse_model_args
-
-    if items or plan is None:
-        return parse_model_args(items)
-    return dict(plan.source.get("model_args") or {})

@@ -14,7 +14,8 @@ from ..progress import steps
 from . import common
 from .common import (BRANCH_KINDS, DEBUG_OPT, DURABLE_HELP, EQUAL_OPT, INPUT_SHAPE_HELP, JSON_OPT, MODEL_ARG_HELP,
                      MODEL_HELP, SEED_OPT, TRUST_OPT, app, default_output, guarded, input_shape_of, is_file_spec,
-                     model_args_of, ratio_of, safe, student, weights_source)
+                     ratio_of, safe, student)
+from ..sources import model_args_of, weights_source
 
 RATIO_OPT = typer.Option("2", "--ratio", "-r", help="Width expansion ratio (1 to 64, any real number).")
 BRANCHES_HELP = f"Linear branches on teacher convs and linears: none, default (kxk,1x1-kxk,lowrank) or a list of {BRANCH_KINDS}."

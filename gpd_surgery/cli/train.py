@@ -10,7 +10,7 @@ import typer
 from ..limits import MAX_SEED
 from ..progress import steps
 from . import common
-from .common import DEBUG_OPT, JSON_OPT, MODEL_HELP, TRUST_OPT, app, guarded, safe
+from .common import DEBUG_OPT, JSON_OPT, MODEL_HELP, TRUST_OPT, app, guarded, note, safe
 
 
 @app.command()
@@ -102,7 +102,7 @@ def train(
     main_rank = int(os.environ.get("RANK", "0")) == 0
     # Only rank 0 shows progress; it ends before training starts its own live display.
     with steps(common.err, as_json or not main_rank) as step:
-        job = prepare(request, config, step)
+        job = prepare(request, config, step, note)
     reporter = ConsoleReporter(common.out) if main_rank and not as_json else Reporter()
     try:
         result = job.run(reporter)

@@ -12,8 +12,9 @@ from rich.table import Table
 from ..errors import GPDError
 from ..progress import steps
 from . import common
-from .common import (DEBUG_OPT, JSON_OPT, MODEL_HELP, TRUST_OPT, app, guarded, input_shape_of, is_file_spec,
-                     model_args_of, note, plan_model, safe, sha256, student)
+from .common import (DEBUG_OPT, JSON_OPT, MODEL_HELP, TRUST_OPT, app, guarded, input_shape_of, is_file_spec, note,
+                     safe, student)
+from ..sources import model_args_of, plan_model, sha256
 
 
 @app.command()
@@ -41,7 +42,7 @@ def verify(
     that the extracted student equals the teacher's student view (CBR): exit 0 if both hold, 1 if not, 2 on bad
     input."""
     from ..io import load_teacher_file
-    from ..verify import verify as run_verify
+    from ..verification import verify as run_verify
 
     if first is None:
         raise typer.BadParameter("missing: the teacher file written by `gpd expand`", param_hint="'TEACHER'")

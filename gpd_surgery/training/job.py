@@ -3,20 +3,20 @@ student's spec, model arguments and input size (given, or those a teacher file's
 branches of a new teacher, the data, the static teacher, the identity a resume is checked against and the
 source the plan records. ``prepare`` turns a ``TrainRequest`` into a ``TrainJob``; ``TrainJob.run`` trains.
 
-Students are loaded as every `gpd` command loads them (``cli.common``), so this module is the command's; the
-rest of the package does not import it.
+Students are loaded as every `gpd` command loads them (``sources.load_student``); notes go to ``note``.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from torch import nn
 from torch.utils.data import Dataset
 
 from ..branches import parse as parse_branches
-from ..cli.common import model_args_of, plan_model, ratio_of, student, weights_source
+from ..expansion import check_ratio
+from ..sources import load_student, model_args_of, plan_model, weights_source
 from ..errors import GPDError
 from ..io import load_teacher_file
 from ..plan import Plan
@@ -84,9 +84,10 @@ class TrainJob:
                      reporter=reporter, identity=self.identity)
 
 
-def prepare(q: TrainRequest, config: TrainConfig, step: Step) -> TrainJob:
+def prepare(q: TrainRequest, config: TrainConfig, step: Step, note: Callable[[str], None] | None = None) -> TrainJob:
     """Check the request, read the teacher file it starts from (``--teacher``, or the checkpoint with ``--resume``),
-    load the student, the data and the static teacher; ``step`` names each stage as it begins."""
+    load the student, the data and the static teacher; ``step`` names each stage as it begins, ``note`` receives
+    what loading weights says on the way."""
     _check_options(q, config)
     source_file = os.path.join(q.output_dir, TEACHER_FILE) if q.resume and not config.plain else q.teacher
     if source_file:
@@ -95,13 +96,13 @@ def prepare(q: TrainRequest, config: TrainConfig, step: Step) -> TrainJob:
     if plan is not None:
         _check_against_plan(q)
     model = q.model if q.model is not None else _planned_model(q, plan, source_file)
-    ratio = ratio_of(q.ratio or "2")
+    ratio = check_ratio(q.ratio or "2")
     kinds = parse_branches(q.branches or "default")
     args = model_args_of(q.model_args, plan)
     size = _image_size(q, plan)
     shape = (1, 3, size, size)
     step(f"loading {model}")
-    m = student(model, None if q.resume else q.weights, args, q.trust_pickle, plan)
+    m = load_student(model, None if q.resume else q.weights, args, q.trust_pickle, plan, note)
     step(f"loading the data ({q.data})")
     if q.data == "synthetic":
         k = num_outputs(m, shape)
@@ -112,7 +113,8 @@ def prepare(q: TrainRequest, config: TrainConfig, step: Step) -> TrainJob:
     static = None
     if q.static_teacher:
         step(f"loading the static teacher {q.static_teacher}")
-        static = student(q.static_teacher, q.static_weights, parse_model_args(q.static_model_args), q.trust_pickle)
+        static = load_student(q.static_teacher, q.static_weights, parse_model_args(q.static_model_args),
+                              q.trust_pickle, note=note)
     source = {"model": model, "model_args": args, **weights_source(None if q.resume else q.weights)}
     return TrainJob(q, config, model, m, train_set, val_set, k, shape, ratio, kinds, static,
                     _identity(q, model, args, size), source)

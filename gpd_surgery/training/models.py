@@ -11,7 +11,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..collapse import collapse
+from ..collapsing import collapse
 from ..errors import GPDError, first_line
 from ..io import load_teacher_file, save_teacher
 from ..plan import DTYPE_NAMES, STUDENT_PREFIX, Plan
@@ -48,7 +48,7 @@ class GPDModel(nn.Module):
     @classmethod
     def from_file(cls, path: str, student: nn.Module, input_shape: tuple[int, ...] | None = None) -> "GPDModel":
         """From a teacher file (trained or not), rebuilt over ``student``'s architecture (checked)."""
-        from ..verify import rebuild
+        from ..verification import rebuild
 
         plan, tensors = load_teacher_file(path)
         shape = tuple(input_shape or plan.source.get("input_shape") or ())

@@ -14,7 +14,7 @@ from torch import nn
 
 from .analyse import describe
 from .errors import GPDError
-from .expand import Student, build_teacher, check_teacher_memory, make_plan, prepare
+from .expansion import Student, build_teacher, check_teacher_memory, make_plan, prepare
 from .maps import Maps
 from .memory import check_memory
 from .plan import Plan
@@ -385,7 +385,7 @@ def extraction_check(model: nn.Module, plan: Plan, tensors: Mapping[str, torch.T
     both collapsed in ``dtype`` so that the comparison measures the two paths, not a rounding. ``teacher``
     must already be in ``dtype`` on ``device``: it is shared by the view, not copied. ``reference``: the
     original student's outputs, where a finite value must stay finite in both."""
-    from .collapse import collapse
+    from .collapsing import collapse
     from .student_view import StudentView
 
     with torch.no_grad():
