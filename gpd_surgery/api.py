@@ -159,7 +159,7 @@ def load_teacher(path: str, student: nn.Module, input_shape: tuple[int, ...] | N
     from .verification import rebuild
 
     plan, tensors = load_teacher_file(path)
-    shape = tuple(input_shape or plan.source.get("input_shape") or ())
+    shape = plan.input_shape(input_shape)
     _, _, teacher = rebuild(student.eval(), plan, tensors, shape, rules)
     return teacher
 
@@ -171,7 +171,7 @@ def load_student_view(path: str, student: nn.Module, input_shape: tuple[int, ...
     from .verification import rebuild
 
     plan, tensors = load_teacher_file(path)
-    shape = tuple(input_shape or plan.source.get("input_shape") or ())
+    shape = plan.input_shape(input_shape)
     traced, _, teacher = rebuild(student.eval(), plan, tensors, shape, rules)
     view = StudentView(teacher, plan, traced.gm)
     view.load_student_buffers(tensors)

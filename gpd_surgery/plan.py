@@ -63,6 +63,13 @@ class Plan:
     report: dict[str, Any] = field(default_factory=dict)
     branches: dict[str, list[str]] = field(default_factory=dict)  # teacher weight -> branch kinds
 
+    def input_shape(self, given: tuple[int, ...] | None = None) -> tuple[int, ...]:
+        """``given`` (an --input-shape) when there is one, else the shape the student was expanded at."""
+        shape = tuple(given or self.source.get("input_shape") or ())
+        if not shape:
+            raise PlanError("the plan records no input shape (the teacher was made from Python): pass --input-shape")
+        return shape
+
     @property
     def maps(self) -> Maps:
         if not hasattr(self, "_maps"):

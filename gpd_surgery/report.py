@@ -9,7 +9,6 @@ from typing import Any
 import torch.fx as fx
 
 from .analyse import describe
-from .api import Planned
 from .io import PLAN_KEY, read_header, read_plan
 from .layout import Layout
 from .memory import available_bytes
@@ -25,8 +24,9 @@ def _layouts(dims: Any) -> list[Layout]:
     return []
 
 
-def plan_report(planned: Planned) -> dict[str, Any]:
-    """Every space that could widen: its size, its teacher size, why not if it froze, and the ops that use it."""
+def plan_report(planned: Any) -> dict[str, Any]:
+    """Every space that could widen: its size, its teacher size, why not if it froze, and the ops that use it.
+    ``planned``: an ``api.Planned`` (not imported: the API imports this module for ``inspect``)."""
     analysis, plan = planned.student.analysis, planned.plan
     spaces, gm = analysis.spaces, planned.student.gm
     users: dict[int, list[fx.Node]] = defaultdict(list)

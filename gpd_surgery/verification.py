@@ -425,9 +425,7 @@ def verify(model: nn.Module, plan: Plan, tensors: dict[str, torch.Tensor], input
     import time
 
     step = progress or (lambda label: None)
-    shape = tuple(input_shape or plan.source.get("input_shape") or ())
-    if not shape:
-        raise GPDError("the plan records no input shape: pass --input-shape")
+    shape = plan.input_shape(input_shape)
     t0 = time.perf_counter()
     step("tracing the student")
     # Memory for the float32 and float64 teachers, built one at a time.

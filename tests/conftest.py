@@ -175,3 +175,16 @@ def run_limited(args: list[str], memory: int = 1 << 30, seconds: float = 20.0, c
     text = out.read().decode(errors="replace")
     code = status if status == -9 else (os.waitstatus_to_exitcode(status))
     return code, text
+
+
+def write_images(root, classes=2, per_class=4, size=8):
+    """An image folder ``root/classK/N.png`` of random RGB images (PIL ships with torchvision)."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for c in range(classes):
+        d = root / f"class{c}"
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            px = (torch.rand(size, size, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(px).save(d / f"{i}.png")

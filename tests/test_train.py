@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from typer.main import get_command
 
-from conftest import MODEL, gpd, randomize
+from conftest import MODEL, gpd, randomize, write_images
 from gpd_surgery import expand
 from gpd_surgery.cli import app
 from gpd_surgery.examples import small_cnn
@@ -254,21 +254,9 @@ def test_help_documents_every_option():
         assert name in r.output, name
 
 
-def _images(root, classes, per_class=3, size=8):
-    from PIL import Image
-
-    g = torch.Generator().manual_seed(0)
-    for c in range(classes):
-        d = root / f"class{c}"
-        d.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            px = (torch.rand(size, size, 3, generator=g) * 255).to(torch.uint8).numpy()
-            Image.fromarray(px).save(d / f"{i}.png")
-
-
 def test_image_folder_training(tmp_path):
-    _images(tmp_path / "data" / "train", 3)
-    _images(tmp_path / "data" / "val", 3, per_class=1)
+    write_images(tmp_path / "data" / "train", 3, per_class=3)
+    write_images(tmp_path / "data" / "val", 3, per_class=1)
     out = tmp_path / "out"
     r = gpd("train", MODEL, "--model-arg", "num_classes=3", "--model-arg", "width=8", "--data", tmp_path / "data",
             "--image-size", 8, "--batch-size", 3, "--epochs", 1, "--device", "cpu", "--output-dir", out,
@@ -302,7 +290,7 @@ def test_errors(tmp_path):
     (tmp_path / "empty" / "train" / "cat").mkdir()
     (tmp_path / "empty" / "train" / "dog").mkdir()
     assert "is empty: no images" in err(MODEL, "--data", tmp_path / "empty")
-    _images(tmp_path / "three" / "train", 3)
+    write_images(tmp_path / "three" / "train", 3, per_class=3)
     line = err(MODEL, "--data", tmp_path / "three", "--image-size", 8)
     assert "3 classes" in line and "10 outputs" in line and "--model-arg num_classes=3" in line
     line = err(MODEL, "--data", "synthetic", "--static-teacher", MODEL, "--static-model-arg", "num_classes=5",

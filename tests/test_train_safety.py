@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import MODEL, gpd, one_line_error
+from conftest import MODEL, gpd, one_line_error, write_images
 from gpd_surgery import api
 from gpd_surgery.examples import small_cnn
 from gpd_surgery.io import save_teacher
@@ -237,16 +237,6 @@ def test_non_finite_student_or_static_weights_are_named(tmp_path, who):
 
 
 # -- image folders -----------------------------------------------------------------------------------
-def _images(root, classes=2, per_class=4, size=8):
-    g = torch.Generator().manual_seed(0)
-    for c in range(classes):
-        d = root / f"class{c}"
-        d.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            px = (torch.rand(size, size, 3, generator=g) * 255).to(torch.uint8).numpy()
-            Image.fromarray(px).save(d / f"{i}.png")
-
-
 def _png_bomb(path, side=100_000):
     """A valid PNG header that claims side x side pixels: PIL's decompression bomb case, in 60 bytes."""
     ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
@@ -260,7 +250,7 @@ IMAGE_RUN = [MODEL, "--model-arg", "num_classes=2", "--model-arg", "width=8", "-
 
 @pytest.mark.parametrize("damage", ["not an image", "truncated", "bomb", "over the bound"])
 def test_a_bad_image_is_refused_before_training(tmp_path, monkeypatch, damage):
-    _images(tmp_path / "data" / "train")
+    write_images(tmp_path / "data" / "train")
     bad = tmp_path / "data" / "train" / "class1" / "2.png"
     if damage == "not an image":
         bad.write_bytes(os.urandom(300))
@@ -283,7 +273,7 @@ def test_a_bad_image_is_refused_before_training(tmp_path, monkeypatch, damage):
 def test_an_image_that_breaks_during_training_is_one_line(tmp_path, monkeypatch, workers):
     """A file that passed the check and then cannot be decoded (changed, or damage only decoding finds): exit 2
     naming it, also from a DataLoader worker process, never exit 3."""
-    _images(tmp_path / "data" / "train")
+    write_images(tmp_path / "data" / "train")
     bad = tmp_path / "data" / "train" / "class0" / "1.png"
     real = gdata.check_images
 
@@ -298,12 +288,12 @@ def test_an_image_that_breaks_during_training_is_one_line(tmp_path, monkeypatch,
 
 
 def test_symlinked_folders_that_loop_are_skipped_with_a_warning(tmp_path, capsys):
-    _images(tmp_path / "data" / "train")
+    write_images(tmp_path / "data" / "train")
     train_dir = tmp_path / "data" / "train"
     (train_dir / "class0" / "loop").symlink_to("..")  # back into the tree: 8 images became 328
     (train_dir / "class1" / "up").symlink_to("../../..")  # to a folder that contains the tree
     outside = tmp_path / "more"
-    _images(outside, classes=1, per_class=2)
+    write_images(outside, classes=1, per_class=2)
     (train_dir / "class1" / "copy1").symlink_to(outside / "class0")  # out of the tree: followed
     (train_dir / "class1" / "copy2").symlink_to(outside / "class0")  # the same folder a second time
     train_set, val_set, classes = gdata.image_folder(str(tmp_path / "data"), 8, val_fraction=0)
@@ -320,9 +310,9 @@ def test_the_sample_list_is_torchvisions(tmp_path):
     """Without links, the samples and their order are ImageFolder's: runs started before keep their data order."""
     from torchvision.datasets import ImageFolder
 
-    _images(tmp_path / "train", classes=3, per_class=3)
+    write_images(tmp_path / "train", classes=3, per_class=3)
     nested = tmp_path / "train" / "class1" / "sub"
-    _images(nested, classes=1, per_class=2)
+    write_images(nested, classes=1, per_class=2)
     (tmp_path / "train" / "class2" / "notes.txt").write_text("not an image")
     classes, samples = gdata._folder(str(tmp_path / "train"))
     ref = ImageFolder(str(tmp_path / "train"))

@@ -6,6 +6,7 @@ rules, torchvision or timm. Commands import the heavy parts inside their bodies.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import sys
@@ -96,6 +97,14 @@ def out_of_memory(e: BaseException) -> bool:
         return True
     text = str(e)
     return isinstance(e, RuntimeError) and ("can't allocate memory" in text or "not enough memory" in text)
+
+
+def emit(result: dict[str, Any], as_json: bool, show: Callable[[dict[str, Any]], None]) -> None:
+    """A command's result: one JSON object on stdout for scripts, else ``show`` draws it for people."""
+    if as_json:
+        print(json.dumps(result))
+    else:
+        show(result)
 
 
 def fail(message: str, code: int) -> None:

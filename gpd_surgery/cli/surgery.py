@@ -1,7 +1,6 @@
 """`gpd expand`, `gpd plan`, `gpd extract` and `gpd inspect`: widening, its dry run, folding back, reading files."""
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
 from typing import Any, List, Optional
@@ -12,7 +11,7 @@ from rich.table import Table
 from ..memory import fmt_bytes
 from ..progress import steps
 from . import common
-from .common import (BRANCH_KINDS, DEBUG_OPT, DURABLE_HELP, EQUAL_OPT, INPUT_SHAPE_HELP, JSON_OPT, MODEL_ARG_HELP,
+from .common import (BRANCH_KINDS, emit, DEBUG_OPT, DURABLE_HELP, EQUAL_OPT, INPUT_SHAPE_HELP, JSON_OPT, MODEL_ARG_HELP,
                      MODEL_HELP, SEED_OPT, TRUST_OPT, app, default_output, guarded, input_shape_of, is_file_spec,
                      ratio_of, safe, student)
 from ..sources import model_args_of, weights_source
@@ -65,10 +64,7 @@ def expand(
         step(f"writing {output}")
         result.save(output, durable=durable, overwrite=force)
     summary = {"output": output, "model": model, **result.summary()}
-    if as_json:
-        print(json.dumps(summary))
-    else:
-        _print_expand(summary)
+    emit(summary, as_json, _print_expand)
     return 0
 
 
@@ -118,10 +114,7 @@ def plan_cmd(
                                      source={"model": model}, dry_run=True)
         rep = {"model": model, **plan_report(planned), "branches": list(kinds),
                "branched_weights": len(planned.plan.branches)}
-    if as_json:
-        print(json.dumps(rep))
-    else:
-        _print_plan(rep)
+    emit(rep, as_json, _print_plan)
     return 0
 
 
@@ -181,11 +174,9 @@ def extract(
         atomic_save(state, output, durable=durable, overwrite=force)
     result = {"teacher": teacher, "output": output, "tensors": len(state),
               "student_params": sum(v.numel() for v in state.values()), "seconds": round(time.perf_counter() - t0, 3)}
-    if as_json:
-        print(json.dumps(result))
-    else:
-        common.out.print(f"wrote {safe(output)}: {result['tensors']} tensors, {result['student_params']:,} values "
-                         f"in {result['seconds']:.2f} s", highlight=False)
+    emit(result, as_json, lambda r: common.out.print(
+        f"wrote {safe(r['output'])}: {r['tensors']} tensors, {r['student_params']:,} values in {r['seconds']:.2f} s",
+        highlight=False))
     return 0
 
 
@@ -200,10 +191,7 @@ def inspect(
     from ..report import inspect_file
 
     rep = inspect_file(file)
-    if as_json:
-        print(json.dumps(rep))
-    else:
-        _print_inspect(rep)
+    emit(rep, as_json, _print_inspect)
     return 0
 
 

@@ -1,7 +1,6 @@
 """`gpd train`: GPD training of a student with its dynamic teacher (docs/training.md)."""
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, List, Optional
 
@@ -10,7 +9,7 @@ import typer
 from ..limits import MAX_SEED
 from ..progress import steps
 from . import common
-from .common import DEBUG_OPT, JSON_OPT, MODEL_HELP, TRUST_OPT, app, guarded, note, safe
+from .common import DEBUG_OPT, JSON_OPT, MODEL_HELP, TRUST_OPT, app, emit, guarded, note, safe
 
 
 @app.command()
@@ -111,10 +110,7 @@ def train(
             reporter.close()
     if not main_rank:
         return 0
-    if as_json:
-        print(json.dumps({"model": job.model, "output_dir": output_dir, **result}))
-    else:
-        _print_train(result)
+    emit({"model": job.model, "output_dir": output_dir, **result}, as_json, _print_train)
     return 0
 
 

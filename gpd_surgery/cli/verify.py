@@ -1,7 +1,6 @@
 """`gpd verify`: is the teacher the student? Outputs, every node inside, and the extracted student."""
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any, List, Optional
@@ -12,7 +11,7 @@ from rich.table import Table
 from ..errors import GPDError
 from ..progress import steps
 from . import common
-from .common import (DEBUG_OPT, JSON_OPT, MODEL_HELP, TRUST_OPT, app, guarded, input_shape_of, is_file_spec, note,
+from .common import (DEBUG_OPT, emit, JSON_OPT, MODEL_HELP, TRUST_OPT, app, guarded, input_shape_of, is_file_spec, note,
                      safe, student)
 from ..sources import model_args_of, plan_model, sha256
 
@@ -63,10 +62,7 @@ def verify(
                             progress=step)
     result = {"model": model, "teacher": teacher, "weights": used, **report.to_dict(),
               "seconds": round(time.perf_counter() - t0, 3)}
-    if as_json:
-        print(json.dumps(result))
-    else:
-        _print_verify(result)
+    emit(result, as_json, _print_verify)
     return 0 if report.passed else 1
 
 

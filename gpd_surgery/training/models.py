@@ -51,9 +51,7 @@ class GPDModel(nn.Module):
         from ..verification import rebuild
 
         plan, tensors = load_teacher_file(path)
-        shape = tuple(input_shape or plan.source.get("input_shape") or ())
-        if not shape:
-            raise GPDError(f"the plan in {path} records no input shape")
+        shape = plan.input_shape(input_shape)
         traced, _, teacher = rebuild(copy.deepcopy(student).eval(), plan, tensors, shape)
         model = cls(teacher, plan, traced.gm, tensors)
         model.source_file = path
