@@ -86,7 +86,10 @@ def init_branches(kinds: tuple[str, ...], weight: torch.Tensor, generator: torch
 
 
 def merge(weight: torch.Tensor, kinds: tuple[str, ...], params: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """The merged kernel ``W + sum_b s_b * f_b`` (differentiable)."""
+    """The merged kernel ``W + sum_b s_b * f_b`` (differentiable). An empty kernel (a size of 0 anywhere, as
+    only a forged file has) has nothing to merge: averaging over it would divide by zero."""
+    if weight.numel() == 0:
+        return weight
     k = weight
     spatial = weight.dim() - 2
     for kind in kinds:

@@ -144,6 +144,24 @@ def test_an_avg_branch_over_a_huge_empty_kernel(tmp_path):
     assert code == 0, out
 
 
+@pytest.mark.parametrize("kind", ["1x1", "kxk", "avg", "1x1-kxk"])
+@pytest.mark.parametrize("shape", [(1, 1, 0, 5), (1, 1, 5, 0), (1, 0, 3, 3), (1, 1, 0, 2**40)])
+def test_branches_over_empty_kernels(tmp_path, kind, shape):
+    """A branch on a kernel with a size of 0 (averaging over it divided by zero): nothing to merge."""
+    from gpd_surgery.branches import branch_shapes
+
+    teacher_shape = (2,) + shape[1:]
+    obj = _teacher_plan({"0": {"size": 1, "src": [0, 0]}},
+                        [{"key": "c.weight", "kind": "param", "shape": list(shape), "dtype": "float32",
+                          "teacher": True, "dims": [[0, 0, "copy"]]}], {"c.weight": [kind]})
+    tensors = {"c.weight": torch.zeros(teacher_shape)}
+    tensors.update({"c." + n: torch.zeros(s) for n, s in branch_shapes(kind, teacher_shape).items()})
+    path = write_plan(tmp_path / "t.safetensors", obj, tensors)
+    code, out = run_limited(["extract", path, "-o", tmp_path / "s.safetensors"])
+    assert code == 0, out
+    assert gio.read_header(str(tmp_path / "s.safetensors"))[1] == {"c.weight": (shape, "float32")}
+
+
 def test_a_dim_over_spaces_with_no_map_is_refused(small, tmp_path):
     """A widened dim whose layout has no copy map ended in index_select(None): now the plan is invalid."""
     d, _, _ = small
