@@ -349,13 +349,6 @@ def compare_inside(student: Student, maps: Maps, student_gm: fx.GraphModule, tea
     return check, inside.first, student_out, teacher_out
 
 
-def localize(student: Student, maps: Maps, teacher: fx.GraphModule, x: torch.Tensor) -> dict[str, Any] | None:
-    """The first node whose teacher activation is not the student's, copied through the maps (float64, CPU)."""
-    s_gm = copy.deepcopy(student.gm).double().eval()
-    t_gm = copy.deepcopy(teacher).double().eval()
-    return compare_inside(student, maps, s_gm, t_gm, x, "cpu", torch.float64)[1]
-
-
 class _Cast(Mapping[str, torch.Tensor]):
     """The teacher file's tensors in ``dtype`` on ``device``, taken from the placed teacher module where it has
     them (no second teacher-sized copy), cast one by one from the file otherwise (the student's buffers)."""

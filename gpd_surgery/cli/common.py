@@ -167,14 +167,11 @@ def ratio_of(text: str) -> float:
     return check_ratio(text)
 
 
-def input_shape_of(text: Optional[str], model: Optional[str] = None,
-                   recorded: Optional[tuple[int, ...]] = None) -> Optional[tuple[int, ...]]:
-    """The one place an input shape is chosen: ``--input-shape`` when given, else the one a plan recorded,
-    else the model's usual one (with a MODEL spec), else None (the caller's plan decides)."""
+def input_shape_of(text: Optional[str], model: Optional[str] = None) -> Optional[tuple[int, ...]]:
+    """The one place an input shape is chosen: ``--input-shape`` when given, else the model's usual one (with a
+    MODEL spec), else None (the teacher's plan decides)."""
     from ..trace import default_input_shape, parse_shape
 
     if text:
         return parse_shape(text)
-    if recorded:
-        return tuple(recorded)
     return default_input_shape(model) if model else None
