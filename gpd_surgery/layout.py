@@ -32,7 +32,12 @@ class Cat:
 
 Layout = Union[int, Prod, Cat]
 
-BOUNDARY = "graph boundary"  # prefix of freeze reasons that are expected, not a loss of width
+BOUNDARY = "graph boundary"
+
+
+def leaf_ids(lay: Layout) -> list[int]:
+    """The atoms of a layout as written (a plan's layouts are resolved already), in order."""
+    return [lay] if isinstance(lay, int) else [i for p in lay.parts for i in leaf_ids(p)]  # prefix of freeze reasons that are expected, not a loss of width
 
 
 class Spaces:

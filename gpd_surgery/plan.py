@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .errors import PlanError, first_line
-from .layout import Cat, Layout, Prod
+from .layout import Cat, Layout, Prod, leaf_ids
 from .branches import branch_shapes
 from .limits import MAX_DEPTH, MAX_DIMS, MAX_INPUT, MAX_INT, MAX_PARTS, MAX_RATIO, MAX_SEED
 from .maps import Maps, teacher_size
@@ -228,7 +228,7 @@ def _parse(obj: Any) -> Plan:
             size = _sizes(lay, leaves, key)[0]
             _need(size == shape[d], f"{key}: dim {d} layout has size {size}, tensor {shape[d]}")
             # A widened dim has a map somewhere in its layout; one over identity spaces only has nothing to do.
-            _need(any(leaves[leaf][1] is not None for leaf in _leaf_ids(lay)), f"{key}: dim {d} is not widened")
+            _need(any(leaves[leaf][1] is not None for leaf in leaf_ids(lay)), f"{key}: dim {d} is not widened")
             parsed.append((d, lay, e[2]))
         recipes.append(Recipe(key, kind, shape, dtype, teacher, parsed))
     report = _report(obj.get("report", {}))
@@ -307,9 +307,6 @@ def _lay_from_json(v: Any, leaves: dict, key: str, count: list[int], depth: int 
     laid = tuple(_lay_from_json(p, leaves, key, count, depth + 1) for p in parts)
     return Prod(laid) if kind == "p" else Cat(laid)
 
-
-def _leaf_ids(lay: Layout) -> list[int]:
-    return [lay] if isinstance(lay, int) else [i for p in lay.parts for i in _leaf_ids(p)]
 
 
 def _sizes(lay: Layout, leaves: dict, key: str) -> tuple[int, int]:

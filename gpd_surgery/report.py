@@ -10,7 +10,7 @@ import torch.fx as fx
 
 from .analyse import describe
 from .io import PLAN_KEY, read_header, read_plan
-from .layout import Layout
+from .layout import Layout, leaf_ids
 from .memory import available_bytes
 from .plan import DTYPES, FORMAT, VERSION, Plan
 
@@ -100,7 +100,7 @@ def inspect_file(path: str) -> dict[str, Any]:
     plan, _, _ = read_plan(path)
     users: dict[int, list[str]] = defaultdict(list)  # one pass over the recipes: linear in the plan's size
     for r in plan.recipes:
-        for i in dict.fromkeys(i for _, lay, _ in r.dims for i in _leaf_ids(lay)):
+        for i in dict.fromkeys(i for _, lay, _ in r.dims for i in leaf_ids(lay)):
             users[i].append(r.key)
     leaves = [{"space": i, "size": size, "expanded_size": size if src is None else len(src), "tensors": users[i]}
               for i, (size, src) in sorted(plan.leaves.items())]
@@ -110,6 +110,3 @@ def inspect_file(path: str) -> dict[str, Any]:
         "student_tensors": len(plan.recipes), "spaces": leaves, "unsupported_ops": plan.report.get("unsupported", []),
     }
 
-
-def _leaf_ids(lay: Layout) -> list[int]:
-    return [lay] if isinstance(lay, int) else [i for p in lay.parts for i in _leaf_ids(p)]
