@@ -342,7 +342,7 @@ class _Peak(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
         if n.op != "get_attr":  # parameters exist already: they are the model's memory, not the forward's
-            size = sum(t.numel() * t.element_size() for t in _tensors(out))
+            size = sum(t.numel() * t.element_size() for t in tensors_in(out))
             self.live[n] = size
             self.total += size
             self.now += size
@@ -352,13 +352,14 @@ class _Peak(fx.Interpreter):
         return out
 
 
-def _tensors(v: Any) -> list[torch.Tensor]:
+def tensors_in(v: Any) -> list[torch.Tensor]:
+    """The tensors in a value (a model's output: a tensor, or tuples, lists and dicts of them), in order."""
     if isinstance(v, torch.Tensor):
         return [v]
     if isinstance(v, (tuple, list)):
-        return [t for x in v for t in _tensors(x)]
+        return [t for x in v for t in tensors_in(x)]
     if isinstance(v, dict):
-        return [t for x in v.values() for t in _tensors(x)]
+        return [t for x in v.values() for t in tensors_in(x)]
     return []
 
 

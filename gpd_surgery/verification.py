@@ -19,7 +19,7 @@ from .maps import Maps
 from .memory import check_memory
 from .plan import Plan
 from .rules import Registry
-from .trace import forward_bytes
+from .trace import forward_bytes, tensors_in
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
 # Inside the graph each node is measured against the largest value flowing into or out of it: float32
@@ -131,16 +131,6 @@ def _first_difference(mine: dict[str, Any], theirs: dict[str, Any]) -> str:
     return "the channel spaces differ"
 
 
-def _outputs(y: Any) -> list[torch.Tensor]:
-    if isinstance(y, torch.Tensor):
-        return [y]
-    if isinstance(y, dict):
-        return [t for v in y.values() for t in _outputs(v)]
-    if isinstance(y, (tuple, list)):
-        return [t for v in y for t in _outputs(v)]
-    return []
-
-
 def compare(student: nn.Module, teacher: nn.Module, inputs: Iterable[torch.Tensor], device: str,
             dtype: torch.dtype, *, in_place: bool = False) -> Check:
     """Outputs of copies of ``student`` and ``teacher`` in ``dtype`` on ``device`` (the modules are left as they
@@ -198,7 +188,7 @@ def _compare_placed(a: nn.Module | Outputs, b: nn.Module | Outputs, inputs: Iter
     or functions giving the outputs of input ``i`` (outputs computed already). ``reference``: per input, the
     student's own outputs; a value that is finite there must be finite in both (two NaN students are not
     "equal")."""
-    fa, fb = (_as_outputs(m) for m in (a, b))
+    fa, fb = (_astensors_in(m) for m in (a, b))
     max_abs, scale = 0.0, 0.0
     broken = Check(device, str(dtype).replace("torch.", ""), math.nan, math.nan, TOLERANCE[dtype], False)
     with torch.no_grad(), _no_tf32():
@@ -221,9 +211,9 @@ def _compare_placed(a: nn.Module | Outputs, b: nn.Module | Outputs, inputs: Iter
     return _check(device, dtype, max_abs, scale, TOLERANCE[dtype])
 
 
-def _as_outputs(m: nn.Module | Outputs) -> Outputs:
+def _astensors_in(m: nn.Module | Outputs) -> Outputs:
     if isinstance(m, nn.Module):
-        return lambda i, x: _outputs(m(x))
+        return lambda i, x: tensors_in(m(x))
     return m
 
 
@@ -340,9 +330,9 @@ def compare_inside(student: Student, maps: Maps, student_gm: fx.GraphModule, tea
     with torch.no_grad(), _no_tf32():
         x = x.to(device=device, dtype=dtype)
         record = _Record(student_gm, student.analysis.dims)
-        student_out = _outputs(record.run(x))
+        student_out = tensors_in(record.run(x))
         inside = _Inside(teacher, student, maps, record, tol)
-        teacher_out = _outputs(inside.run(x))
+        teacher_out = tensors_in(inside.run(x))
         record.values.clear()
     check = Check(device, str(dtype).replace("torch.", ""), inside.max_abs, inside.max_rel, tol,
                   inside.first is None, nodes=inside.nodes, worst=inside.worst)
@@ -395,10 +385,10 @@ def _placed(model: nn.Module, device: str, dtype: torch.dtype) -> nn.Module:
     return copy.deepcopy(model).to(device=device, dtype=dtype).eval()
 
 
-def _run_outputs(model: nn.Module, inputs: list[torch.Tensor], device: str, dtype: torch.dtype
+def _runtensors_in(model: nn.Module, inputs: list[torch.Tensor], device: str, dtype: torch.dtype
                  ) -> list[list[torch.Tensor]]:
     with torch.no_grad(), _no_tf32():
-        return [_outputs(model(x.to(device=device, dtype=dtype))) for x in inputs]
+        return [tensors_in(model(x.to(device=device, dtype=dtype))) for x in inputs]
 
 
 def is_constant(outputs: list[list[torch.Tensor]]) -> bool:
@@ -454,9 +444,9 @@ def verify(model: nn.Module, plan: Plan, tensors: dict[str, torch.Tensor], input
                     firsts.append((dt == torch.float64 and dev == "cpu", {**first, "device": dev, "dtype": check.dtype}))
             step(f"teacher = student ({name})")
             if len(reference) < len(inputs):
-                reference += _run_outputs(_placed(model, dev, dt), inputs[len(reference):], dev, dt)
+                reference += _runtensors_in(_placed(model, dev, dt), inputs[len(reference):], dev, dt)
             constant = constant or (dt == torch.float64 and is_constant(reference))
-            teacher_out: Outputs = lambda i, x, t=placed: known.pop(i) if i in known else _outputs(t(x))  # noqa: B023
+            teacher_out: Outputs = lambda i, x, t=placed: known.pop(i) if i in known else tensors_in(t(x))  # noqa: B023
             checks.append(_compare_placed(lambda i, x: reference[i], teacher_out, inputs, dev, dt, reference))
             step(f"extracted = student view ({name})")
             extraction.append(extraction_check(model, plan, tensors, placed, student, inputs, dev, dt, reference))

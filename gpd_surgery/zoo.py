@@ -18,7 +18,8 @@ import torch
 from .api import expand
 from .collapsing import collapse_tensor, merged
 from .memory import available_bytes
-from .verification import TOLERANCE, _no_tf32, _outputs
+from .trace import tensors_in
+from .verification import TOLERANCE, _no_tf32
 
 TRANSFORMERS = ("vit", "swin", "maxvit")
 
@@ -128,7 +129,7 @@ def _rel(got: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
 @torch.no_grad()
 def _run(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     with _no_tf32():
-        return [y.detach() for y in _outputs(model(x))]
+        return [y.detach() for y in tensors_in(model(x))]
 
 
 class _Float64Interpreter(torch.fx.Interpreter):
@@ -151,7 +152,7 @@ class _Float64Interpreter(torch.fx.Interpreter):
 
 @torch.no_grad()
 def _run64_low_memory(model: torch.fx.GraphModule, x: torch.Tensor) -> list[torch.Tensor]:
-    return _outputs(_Float64Interpreter(model).run(x.double()))
+    return tensors_in(_Float64Interpreter(model).run(x.double()))
 
 
 @torch.no_grad()
