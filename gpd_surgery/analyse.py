@@ -166,6 +166,10 @@ class Ctx:
         self.result.unsupported[self.where] = what
         for t in self.tensor_args():
             for lay in self.dims(t):
+                # What this op newly freezes is reported whether or not a rule offered it yet: the op hides
+                # how its dims relate, so any of them may be a channel space (spatial and batch dims are frozen
+                # already, by design or as graph inputs).
+                self.spaces.offered.update(i for i in self.spaces.leaves(lay) if self.spaces.frozen[i] is None)
                 self.freeze(lay, reason)
         return self.fresh_like(self.spec(self.node), frozen=reason)
 
@@ -219,13 +223,19 @@ def _has_tensor(spec: Any) -> bool:
     return False
 
 
+def offered(spaces: Spaces) -> set[int]:
+    """Root spaces that a rule offered to widen (``expandable``), that were factors of a product offered to
+    widen, or that an unsupported op froze (see ``Spaces.offered``)."""
+    out = {leaf for i in spaces.offered for leaf in spaces.leaves(i)}  # roots now, definitions resolved
+    out.update(i for i in range(len(spaces.parent)) if spaces.expandable[i])
+    return {i for i in out if spaces.find(i) == i and i not in spaces.definition and spaces.size[i] > 1}
+
+
 def frozen_report(spaces: Spaces) -> list[dict[str, Any]]:
-    """Expandable spaces that something froze, with the reason; graph boundaries separately flagged."""
+    """Spaces offered to widen that something froze, with the reason; graph boundaries separately flagged."""
     out = []
-    for i in range(len(spaces.parent)):
-        if spaces.find(i) != i or i in spaces.definition:
-            continue
-        if spaces.expandable[i] and spaces.frozen[i] is not None and spaces.size[i] > 1:
-            reason = spaces.frozen[i]
+    for i in sorted(offered(spaces)):
+        reason = spaces.frozen[i]
+        if reason is not None:
             out.append({"size": spaces.size[i], "reason": reason, "boundary": reason.startswith(BOUNDARY)})
     return out

@@ -50,6 +50,9 @@ class Spaces:
         self.frozen: list[str | None] = []
         self.definition: dict[int, Layout] = {}
         self.wants: list[Layout] = []  # products that should widen by one factor, decided in finalize()
+        # Atoms offered to widen other than by ``expandable``: the factors of a wanted product that no factor
+        # could widen, and the spaces an unsupported op froze. Reported where frozen, never widened.
+        self.offered: set[int] = set()
 
     # -- atoms -------------------------------------------------------------
     def new(self, size: int, *, expandable: bool = False, frozen: str | None = None) -> int:
@@ -128,21 +131,25 @@ class Spaces:
 
     def finalize(self) -> None:
         """Products that should widen and where no rule chose a factor (heads, groups) widen their innermost
-        factor that is not frozen: one factor only, so a product grows by the ratio, not its power."""
+        factor that is not frozen: one factor only, so a product grows by the ratio, not its power. Where
+        every factor is frozen, the factors are offered, so that the report says what froze them."""
         for lay in self.wants:
-            self._widen_one(lay)
+            lay = self.resolve(lay)
+            if not self._widen_one(lay):
+                self.offered.update(leaf for leaf in self.leaves(lay) if self.size[leaf] > 1)
 
-    def _widen_one(self, lay: Layout) -> None:
+    def _widen_one(self, lay: Layout) -> bool:
+        """Widen one factor of ``lay`` (or see that one is widened already): whether one could."""
         lay = self.resolve(lay)
         if not isinstance(lay, Prod):
             self.mark_expandable(lay)
-            return
+            return any(self.is_expanded(leaf) for leaf in self.leaves(lay))
         if any(self.is_expanded(leaf) for leaf in self.leaves(lay)):
-            return
+            return True
         for part in reversed(lay.parts):
             if any(self.frozen[leaf] is None and self.size[leaf] > 1 for leaf in self.leaves(part)):
-                self._widen_one(part)
-                return
+                return self._widen_one(part)
+        return False
 
     def is_expanded(self, atom: int) -> bool:
         r = self.find(atom)

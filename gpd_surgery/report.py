@@ -8,7 +8,7 @@ from typing import Any
 
 import torch.fx as fx
 
-from .analyse import describe
+from .analyse import describe, offered
 from .io import PLAN_KEY, read_header, read_plan
 from .layout import Layout, leaf_ids
 from .memory import available_bytes
@@ -39,14 +39,15 @@ def plan_report(planned: Any) -> dict[str, Any]:
         for leaf in leaves:
             users[leaf].append(node)
     rows = []
+    candidates = offered(spaces)
     for i in range(len(spaces.parent)):
         if spaces.find(i) != i or i in spaces.definition or spaces.size[i] <= 1:
             continue
-        if not spaces.expandable[i] and i not in plan.leaves:
+        if i not in candidates and i not in plan.leaves:
             continue  # batch, spatial and other dims that no rule offered to widen
         src = plan.leaves.get(i, (0, None))[1]
         reason = spaces.frozen[i]
-        lost = spaces.expandable[i] and reason is not None and not reason.startswith("by design")
+        lost = i in candidates and reason is not None and not reason.startswith("by design")
         status = "expanded" if src is not None else "frozen" if lost else "kept"
         rows.append({
             "space": i, "size": spaces.size[i], "expanded_size": spaces.size[i] if src is None else len(src),

@@ -1,7 +1,9 @@
-"""Layers with weights: convolutions (modules and functions), linear layers and PReLU.
+"""Layers with weights: convolutions and transposed convolutions (modules and functions), linear layers,
+embeddings and PReLU.
 
 A dense layer widens its outputs and shares its weight among the copies of each input channel
-(``share``); a grouped convolution widens its number of groups, channels within a group kept.
+(``share``); a grouped convolution widens its number of groups, channels within a group kept. An
+embedding table is a lookup: its embedding dim widens (copied), its number of rows is not a channel.
 """
 from __future__ import annotations
 
@@ -33,6 +35,42 @@ def _conv_channels(ctx: Ctx, channel: Layout, W: list[Layout], n_groups: int, ou
     return groups
 
 
+def _conv_transpose_channels(ctx: Ctx, channel: Layout, W: list[Layout], n_groups: int,
+                             in_channels: int) -> tuple[Layout, Layout | None]:
+    """A transposed convolution's weight is ``[in, out / groups, *k]``: a dense one shares its input copies
+    (dim 0) and widens its outputs (dim 1); a grouped one widens the number of groups, whose weights are
+    copied (each teacher output sees one copy of each input of its group). Returns the output channels'
+    layout and the groups (None when dense)."""
+    if n_groups == 1:
+        ctx.spaces.mark_expandable(W[1])
+        ctx.unify(channel, W[0])
+        return W[1], None
+    groups = ctx.expandable(n_groups)
+    ctx.freeze(W[1], f"{BY_DESIGN}: channels within a group")
+    within = ctx.spaces.new(in_channels // n_groups, frozen=f"{BY_DESIGN}: channels within a group")
+    ctx.unify(W[0], Prod((groups, within)))
+    ctx.unify(channel, W[0])
+    out = ctx.spaces.new(ctx.spaces.size_of(W[1]) * n_groups)
+    ctx.unify(out, Prod((groups, W[1])))
+    return out, groups
+
+
+def _weight_modes(transposed: bool, n_groups: int) -> list[str | None]:
+    """Collapse recipe of a convolution's weight: its input dim shared among copies where it is dense."""
+    if not transposed:
+        return ["copy", "share"]
+    return ["share", "copy"] if n_groups == 1 else ["copy", None]
+
+
+def _channels_out(ctx: Ctx, xd: list[Layout], c: int, out: Layout) -> Dims:
+    """A convolution's output: the leading dims of its input, its output channels, new spatial dims. The
+    input's spatial dims keep their size (a kernel over copies of a channel would see other neighbours and
+    give another output size): a channel space there is frozen, and reported (ECA's conv across channels)."""
+    for lay in xd[c + 1 :]:
+        ctx.freeze(lay, f"a convolution runs along this dimension at {ctx.where}")
+    return list(xd[:c]) + [out] + spatial(ctx, ctx.shape(ctx.node)[c + 1 :])
+
+
 @builtin(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def conv(ctx: Ctx) -> Dims:
     """Dense convs share their input copies; grouped convs expand the number of groups."""
@@ -41,7 +79,7 @@ def conv(ctx: Ctx) -> Dims:
     x = first_tensor(ctx)
     xd = ctx.dims(x)
     c = len(ctx.shape(x)) - len(m.kernel_size) - 1  # channel dim (0 when unbatched)
-    W = ctx.param(f"{name}.weight", ["copy", "share"])
+    W = ctx.param(f"{name}.weight", _weight_modes(False, m.groups))
     groups = _conv_channels(ctx, xd[c], W, m.groups, m.out_channels)
     if m.bias is not None:
         ctx.unify(ctx.param(f"{name}.bias", ["copy"])[0], W[0])
@@ -51,31 +89,62 @@ def conv(ctx: Ctx) -> Dims:
         t.groups = size(groups) if groups is not None else 1
 
     ctx.on_build_module(build)
-    return list(xd[:c]) + [W[0]] + spatial(ctx, ctx.shape(ctx.node)[c + 1 :])
+    return _channels_out(ctx, xd, c, W[0])
 
 
-@builtin(F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d)
-def conv_function(ctx: Ctx) -> Dims:
-    """``F.conv2d(x, weight, bias, stride, padding, dilation, groups)`` with a weight read through get_attr
-    (tresnet's fixed anti-aliasing filter, groups = channels): as the module; the groups are rewritten."""
+@builtin(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+def conv_transpose(ctx: Ctx) -> Dims:
+    """The input dim of the weight (dim 0) is the shared one; stride, padding, output_padding and dilation
+    act on space only."""
+    m: nn.ConvTranspose2d = ctx.module(ctx.node)  # type: ignore[assignment]
+    name = str(ctx.node.target)
     x = first_tensor(ctx)
     xd = ctx.dims(x)
-    W = attr_param(ctx, ctx.arg(1, "weight"), ["copy", "share"])
-    if W is None:
-        return ctx.unsupported("a convolution function with a computed weight")
+    c = len(ctx.shape(x)) - len(m.kernel_size) - 1
+    W = ctx.param(f"{name}.weight", _weight_modes(True, m.groups))
+    out, groups = _conv_transpose_channels(ctx, xd[c], W, m.groups, m.in_channels)
+    if m.bias is not None:
+        ctx.unify(ctx.param(f"{name}.bias", ["copy"])[0], out)
+
+    def build(t: nn.Module, size: Any) -> None:
+        t.in_channels, t.out_channels = size(xd[c]), size(out)
+        t.groups = size(groups) if groups is not None else 1
+
+    ctx.on_build_module(build)
+    return _channels_out(ctx, xd, c, out)
+
+
+TRANSPOSED = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, torch.conv_transpose1d,
+              torch.conv_transpose2d, torch.conv_transpose3d)
+
+
+@builtin(F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d, *TRANSPOSED)
+def conv_function(ctx: Ctx) -> Dims:
+    """``F.conv2d(x, weight, bias, stride, padding, dilation, groups)`` with a weight read through get_attr
+    (tresnet's fixed anti-aliasing filter, groups = channels): as the module; the groups are rewritten. The
+    same for ``F.conv_transpose2d(x, weight, bias, stride, padding, output_padding, groups, dilation)``."""
+    x = first_tensor(ctx)
+    xd = ctx.dims(x)
+    transposed = ctx.node.target in TRANSPOSED
     groups_arg = ctx.arg(6, "groups", 1)
     n_groups = ctx.spec(groups_arg)
     if not isinstance(n_groups, int):
         return ctx.unsupported("a convolution function with unknown groups")
+    W = attr_param(ctx, ctx.arg(1, "weight"), _weight_modes(transposed, n_groups))
+    if W is None:
+        return ctx.unsupported("a convolution function with a computed weight")
     weight_shape = ctx.shape(ctx.arg(1, "weight"))
     c = len(ctx.shape(x)) - (len(weight_shape) - 2) - 1
-    groups = _conv_channels(ctx, xd[c], W, n_groups, weight_shape[0])
+    if transposed:
+        out, groups = _conv_transpose_channels(ctx, xd[c], W, n_groups, weight_shape[0])
+    else:
+        out, groups = W[0], _conv_channels(ctx, xd[c], W, n_groups, weight_shape[0])
     bias = ctx.arg(2, "bias")
     if isinstance(bias, fx.Node):
         B = attr_param(ctx, bias, ["copy"])
         if B is None:
             return ctx.unsupported("a convolution function with a computed bias")
-        ctx.unify(B[0], W[0])
+        ctx.unify(B[0], out)
 
     def rewrite(n: fx.Node, size: Any) -> None:
         if groups is None:
@@ -86,7 +155,7 @@ def conv_function(ctx: Ctx) -> Dims:
             n.kwargs = {**n.kwargs, "groups": size(groups)}
 
     ctx.on_build_node(rewrite)
-    return list(xd[:c]) + [W[0]] + spatial(ctx, ctx.shape(ctx.node)[c + 1 :])
+    return _channels_out(ctx, xd, c, out)
 
 
 @builtin(nn.Linear)
@@ -140,3 +209,52 @@ def prelu(ctx: Ctx) -> Dims:
 
     ctx.on_build_module(build)
     return list(xd)
+
+
+def _embedding(ctx: Ctx, W: list[Layout], max_norm: Any) -> None:
+    """An embedding's dim widens (copied: a row lookup gives every copy the student's value); its rows are
+    not channels. ``max_norm`` rescales each looked-up row by its norm over the embedding dim, which copies
+    would change: that dim keeps its size then."""
+    ctx.spaces.mark_expandable(W[1])
+    if max_norm is not None:
+        ctx.freeze(W[1], f"embedding rows renormalized to max_norm at {ctx.where}")
+
+
+@builtin(nn.Embedding)
+def embedding(ctx: Ctx) -> Dims:
+    """``weight[index]``: the index tensor's dims, then the embedding dim."""
+    m: nn.Embedding = ctx.module(ctx.node)  # type: ignore[assignment]
+    W = ctx.param(f"{ctx.node.target}.weight", [None, "copy"])
+    _embedding(ctx, W, m.max_norm)
+
+    def build(t: nn.Module, size: Any) -> None:
+        t.embedding_dim = size(W[1])
+
+    ctx.on_build_module(build)
+    return list(ctx.dims(first_tensor(ctx))) + [W[1]]
+
+
+@builtin(F.embedding)
+def embedding_function(ctx: Ctx) -> Dims:
+    W = attr_param(ctx, ctx.arg(1, "weight"), [None, "copy"])
+    if W is None:
+        return ctx.unsupported("F.embedding with a computed weight")
+    _embedding(ctx, W, ctx.arg(3, "max_norm"))
+    return list(ctx.dims(ctx.arg(0, "input"))) + [W[1]]
+
+
+@builtin(nn.EmbeddingBag)
+def embedding_bag(ctx: Ctx) -> Dims:
+    """Bags of rows reduced per channel (sum, mean or max, optionally weighted per sample): one row per bag
+    (the index tensor's first dim when it is 2-D), then the embedding dim."""
+    m: nn.EmbeddingBag = ctx.module(ctx.node)  # type: ignore[assignment]
+    W = ctx.param(f"{ctx.node.target}.weight", [None, "copy"])
+    _embedding(ctx, W, m.max_norm)
+
+    def build(t: nn.Module, size: Any) -> None:
+        t.embedding_dim = size(W[1])
+
+    ctx.on_build_module(build)
+    index = ctx.dims(first_tensor(ctx))
+    bags = [index[0]] if len(index) == 2 else spatial(ctx, ctx.shape(ctx.node)[:1])
+    return bags + [W[1]]

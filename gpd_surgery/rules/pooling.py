@@ -32,4 +32,6 @@ def pool(ctx: Ctx) -> Dims:
     key = type(ctx.module(ctx.node)) if ctx.node.op == "call_module" else ctx.node.target
     k = {**POOL_MODULES, **POOL_FUNCTIONS}[key] or len(out_shape) - 2  # interpolate: all but (N, C)
     keep = len(out_shape) - k
+    for lay in xd[keep:]:  # windows over copies of a channel would mix other channels, and change the size
+        ctx.freeze(lay, f"pooling or resampling along this dimension at {ctx.where}")
     return list(xd[:keep]) + spatial(ctx, out_shape[keep:])

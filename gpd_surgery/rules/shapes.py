@@ -353,22 +353,38 @@ def getitem(ctx: Ctx) -> Dims:
     return out + list(xd[d:])
 
 
+def _padded(ctx: Ctx, widths: tuple[Any, ...] | list[Any], what: str) -> Dims:
+    """Padding the last ``len(widths) // 2`` dims: a padded dim becomes a new spatial one (a padded channel
+    dim keeps its size: the padding would not be copies); the others pass through."""
+    xd = ctx.dims(first_tensor(ctx))
+    out = list(xd)
+    shape = ctx.shape(ctx.node)
+    for j in range(len(widths) // 2):
+        d = len(xd) - 1 - j
+        if widths[2 * j] != 0 or widths[2 * j + 1] != 0:  # a computed width counts as padding
+            ctx.freeze(xd[d], f"padding a channel dimension ({what} at {ctx.where})")
+            out[d] = spatial(ctx, (shape[d],))[0]
+    return out
+
+
 @builtin(F.pad)
 def pad(ctx: Ctx) -> Dims:
-    """Padding the last dims: padded dims keep their size class (spatial); others pass through."""
-    xd = ctx.dims(first_tensor(ctx))
     widths = ctx.arg(1, "pad")
     if not isinstance(widths, (tuple, list)):
         return ctx.unsupported("F.pad with computed widths")
-    k = len(widths) // 2
-    out = list(xd)
-    shape = ctx.shape(ctx.node)
-    for j in range(k):
-        d = len(xd) - 1 - j
-        if widths[2 * j] != 0 or widths[2 * j + 1] != 0:  # a computed width counts as padding
-            ctx.freeze(xd[d], "padding a channel dimension")
-            out[d] = spatial(ctx, (shape[d],))[0]
-    return out
+    return _padded(ctx, widths, "F.pad")
+
+
+PAD_MODULES = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
+               nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d,
+               nn.ReplicationPad2d, nn.ReplicationPad3d, nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d)
+
+
+@builtin(*PAD_MODULES)
+def pad_module(ctx: Ctx) -> Dims:
+    """The padding modules: ``F.pad`` with the module's widths (``padding``, one pair per padded dim)."""
+    m = ctx.module(ctx.node)
+    return _padded(ctx, tuple(m.padding), type(m).__name__)  # type: ignore[arg-type]
 
 
 @builtin(torch.roll, "roll")
