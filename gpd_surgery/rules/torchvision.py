@@ -1,21 +1,24 @@
-"""Rules for torchvision's own functions, which torchvision wraps for fx: stochastic depth, and the
-attention and patch merging of its Swin transformers. Loaded at the first node of a torchvision op
-(see ``registry.LIBRARY_RULES``), so that importing gpd-surgery does not import torchvision."""
+"""Rules for torchvision's own modules and functions, which torchvision wraps for fx: stochastic depth, the
+attention and patch merging of its Swin transformers, the helpers of its video MViT, and the
+FrozenBatchNorm2d of its detection backbones. Loaded at the first node of a torchvision op (see
+``registry.LIBRARY_RULES``), so that importing gpd-surgery does not import torchvision."""
 from __future__ import annotations
 
 from typing import Any
 
 import torch.fx as fx
 from torchvision.models import swin_transformer as _swin
+from torchvision.models.video import mvit as _mvit
 from torchvision.ops import stochastic_depth as _stochastic_depth
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from ..analyse import Ctx, Dims
 from ..errors import GPDError
 from ..layout import Cat, Prod
 from .attention import HEAD_DIM, fused_heads, width_in_heads
-from .common import attr_param, first_tensor, spatial
+from .common import attr_param, dim_index, first_tensor, per_channel, spatial
 from .elementwise import unary
-from .registry import builtin
+from .registry import builtin, register_rule
 
 builtin(_stochastic_depth)(unary)  # drops whole samples: channels pass through
 
@@ -69,3 +72,62 @@ def shifted_window_attention(ctx: Ctx) -> Dims:
 
     ctx.on_build_node(rewrite)
     return list(xd[:-1]) + [P[0]]
+
+
+@register_rule(FrozenBatchNorm2d)
+def frozen_batch_norm(ctx: Ctx) -> Dims:
+    """BatchNorm with fixed statistics, per channel. A leaf: traced through, fx would fold its buffers into
+    float32 constants (``w * (rv + eps).rsqrt()``), and a float64 teacher would differ by 1e-7."""
+    xd = ctx.dims(first_tensor(ctx))
+    per_channel(ctx, xd[1], ("weight", "bias", "running_mean", "running_var"))
+    return list(xd)
+
+
+# -- MViT (torchvision.models.video.mvit) ------------------------------------------------------------
+@builtin(_mvit._unsqueeze)
+def mvit_unsqueeze(ctx: Ctx) -> Dims:
+    """``(x.unsqueeze(expand_dim) if x.dim() == target_dim - 1 else x, x.dim())``."""
+    xd = list(ctx.dims(ctx.arg(0, "x")))
+    if len(xd) == ctx.arg(1, "target_dim") - 1:
+        xd.insert(dim_index(ctx.arg(2, "expand_dim"), len(xd) + 1), ctx.spaces.new(1))
+    return (xd, None)
+
+
+@builtin(_mvit._squeeze)
+def mvit_squeeze(ctx: Ctx) -> Dims:
+    """Undoes ``_unsqueeze``: ``x.squeeze(expand_dim)`` where the input had ``target_dim - 1`` dims."""
+    xd = list(ctx.dims(ctx.arg(0, "x")))
+    if ctx.spec(ctx.arg(3, "tensor_dim")) == ctx.arg(1, "target_dim") - 1:
+        d = dim_index(ctx.arg(2, "expand_dim"), len(xd))
+        if ctx.shape(ctx.arg(0, "x"))[d] == 1:
+            del xd[d]
+    return xd
+
+
+@builtin(_mvit._add_rel_pos)
+def mvit_add_rel_pos(ctx: Ctx) -> Dims:
+    """``attn[:, :, 1:, 1:] += q . rel_pos`` (attn: B, heads, Nq, Nk; q: B, heads, Nq, head_dim): relative
+    position tables over head_dim, which stays as it is (a bilinear form in q); the heads widen."""
+    attn, q = ctx.arg(0, "attn"), ctx.arg(1, "q")
+    ad, qd = ctx.dims(attn), ctx.dims(q)
+    tables = [attr_param(ctx, ctx.arg(i, name), []) for i, name in ((4, "rel_pos_h"), (5, "rel_pos_w"), (6, "rel_pos_t"))]
+    if any(t is None for t in tables):
+        return ctx.unsupported("_add_rel_pos with computed tables")
+    for a, b in zip(ad[:3], qd[:3]):
+        ctx.unify(a, b)
+    ctx.freeze(qd[3], HEAD_DIM)
+    for t in tables:
+        ctx.unify(t[1], qd[3])  # type: ignore[index]
+    return list(ad)
+
+
+@builtin(_mvit._add_shortcut)
+def mvit_add_shortcut(ctx: Ctx) -> Dims:
+    """``x += shortcut`` (over all tokens or all but the class token), in place: a residual add."""
+    x, shortcut = ctx.arg(0, "x"), ctx.arg(1, "shortcut")
+    if ctx.shape(x) != ctx.shape(shortcut):
+        return ctx.unsupported("_add_shortcut of tensors of different shapes")
+    xd, sd = ctx.dims(x), ctx.dims(shortcut)
+    for a, b in zip(xd, sd):
+        ctx.unify(a, b)
+    return list(xd)
