@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import importlib
 import math
 import os
 import subprocess
@@ -30,7 +31,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d  # noqa: E402
 # FrozenBatchNorm2d's rule makes it a leaf of the trace, but torchvision's rules are loaded at the first
 # torchvision node of an analysed graph, after tracing: loaded here so that the first trace keeps it whole
 # (see test_frozen_batch_norm_is_a_leaf_in_a_fresh_process).
-import gpd_surgery.rules.torchvision  # noqa: E402,F401
+importlib.import_module("gpd_surgery.rules.torchvision")
 
 RATIOS = [2, 3, 1.5]
 
