@@ -74,33 +74,37 @@ class Planned:
         return Expanded(self.plan, tensors, self.student, self.maps, self.seconds + time.perf_counter() - t0)
 
 
-def plan_expansion(model: nn.Module, input_shape: tuple[int, ...], ratio: float = 2.0, *, seed: int = 0,
+def plan_expansion(model: nn.Module, input_shape: Any, ratio: float = 2.0, *, seed: int = 0,
                    equal_shares: bool = False, source: dict[str, Any] | None = None,
                    branches: str | tuple[str, ...] = (), force: bool = False, dry_run: bool = False,
-                   rules: Registry | None = None) -> Planned:
+                   rules: Registry | None = None, capture: str = "auto") -> Planned:
     """Trace and analyse ``model`` and plan its widening by ``ratio`` (with ``branches``, e.g. "default" or
     ("kxk", "lowrank")); no teacher tensor is made yet. An input shape whose forward, or a teacher whose
     tensors, would not fit in free memory is refused from sizes alone, before anything is allocated, unless
     ``force``; a ``dry_run`` (no teacher will be built) checks only the forward. ``rules``: a ``Registry`` of
-    extra rules, layered over the default ones (see docs/extending.md)."""
+    extra rules, layered over the default ones (see docs/extending.md). ``input_shape``: one input's shape, or
+    ``InputSpec``s (several inputs, keyword inputs, token ids); ``capture``: "fx", "export" or "auto" (fx, and
+    torch.export where fx cannot trace the model)."""
     ratio = check_ratio(ratio)
     t0 = time.perf_counter()
     model = model.eval()
-    student = prepare(model, tuple(input_shape), force, rules)
+    student = prepare(model, input_shape, force, rules, capture)
     check_teacher_memory(student.analysis, model, ratio, force or dry_run)
-    source = {"input_shape": list(input_shape), **(source or {})}
+    source = {"input_shape": list(student.inputs[0].shape), "inputs": [s.to_json() for s in student.inputs],
+              "capture": student.capture, **(source or {})}
     plan, maps = make_plan(student, model, ratio, seed, equal_shares, source)
     plan_branches(plan, student, parse_branches(branches) if isinstance(branches, str) else tuple(branches))
     return Planned(model, student, plan, maps, time.perf_counter() - t0)
 
 
-def expand(model: nn.Module, input_shape: tuple[int, ...], ratio: float = 2.0, *, seed: int = 0,
+def expand(model: nn.Module, input_shape: Any, ratio: float = 2.0, *, seed: int = 0,
            equal_shares: bool = False, source: dict[str, Any] | None = None,
-           branches: str | tuple[str, ...] = (), rules: Registry | None = None) -> Expanded:
+           branches: str | tuple[str, ...] = (), rules: Registry | None = None, capture: str = "auto") -> Expanded:
     """Widen ``model`` by ``ratio`` so that the teacher computes exactly the student's function. ``rules``: a
-    ``Registry`` of extra rules, layered over the default ones (see docs/extending.md)."""
+    ``Registry`` of extra rules, layered over the default ones (see docs/extending.md); ``input_shape`` and
+    ``capture``: as for :func:`plan_expansion`."""
     return plan_expansion(model, input_shape, ratio, seed=seed, equal_shares=equal_shares, source=source,
-                          branches=branches, rules=rules).build()
+                          branches=branches, rules=rules, capture=capture).build()
 
 
 def extract(path: str) -> dict[str, torch.Tensor]:
@@ -110,7 +114,7 @@ def extract(path: str) -> dict[str, torch.Tensor]:
         return {k: v.contiguous() for k, v in collapse(plan, tensors).items()}
 
 
-def verify(model: nn.Module, path: str, input_shape: tuple[int, ...] | None = None, device: str | None = None,
+def verify(model: nn.Module, path: str, input_shape: Any = None, device: str | None = None,
            n_inputs: int = 3, *, trained: bool = False, rules: Registry | None = None) -> Report:
     """`gpd verify`: the teacher file at ``path`` against the student ``model`` (outputs, every node inside, and
     the extraction); ``trained``: the teacher was trained, so only the extraction check decides. ``rules``:
@@ -152,27 +156,25 @@ def _numel(shape: tuple[int, ...]) -> int:
     return math.prod(shape)
 
 
-def load_teacher(path: str, student: nn.Module, input_shape: tuple[int, ...] | None = None, *,
+def load_teacher(path: str, student: nn.Module, input_shape: Any = None, *,
                  rules: Registry | None = None) -> fx.GraphModule:
     """The teacher in ``path`` as a trainable module, rebuilt over ``student``'s architecture (checked);
     ``rules``: those the teacher was expanded with."""
     from .verification import rebuild
 
     plan, tensors = load_teacher_file(path)
-    shape = plan.input_shape(input_shape)
-    _, _, teacher = rebuild(student.eval(), plan, tensors, shape, rules)
+    _, _, teacher = rebuild(student.eval(), plan, tensors, plan.inputs(input_shape), rules)
     return teacher
 
 
-def load_student_view(path: str, student: nn.Module, input_shape: tuple[int, ...] | None = None, *,
+def load_student_view(path: str, student: nn.Module, input_shape: Any = None, *,
                       rules: Registry | None = None) -> tuple[fx.GraphModule, StudentView]:
     """The teacher in ``path`` and its student view (sharing the teacher's parameters, own buffers); ``rules``:
     those the teacher was expanded with."""
     from .verification import rebuild
 
     plan, tensors = load_teacher_file(path)
-    shape = plan.input_shape(input_shape)
-    traced, _, teacher = rebuild(student.eval(), plan, tensors, shape, rules)
+    traced, _, teacher = rebuild(student.eval(), plan, tensors, plan.inputs(input_shape), rules)
     view = StudentView(teacher, plan, traced.gm)
     view.load_student_buffers(tensors)
     return teacher, view

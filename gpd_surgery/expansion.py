@@ -19,7 +19,8 @@ from .memory import check_memory, fmt_bytes
 from .limits import MAX_RATIO, MAX_TEACHER_BYTES
 from .plan import DTYPE_NAMES, STUDENT_PREFIX, Plan, Recipe
 from .rules import DEFAULT, Registry, conv, linear
-from .trace import forward_bytes, propagate, trace
+from .capture import capture as capture_graph
+from .inputs import Inputs, as_inputs, resolve
 
 
 def check_ratio(ratio: float) -> float:
@@ -82,22 +83,25 @@ class Student:
 
     gm: fx.GraphModule
     analysis: Analysis
-    input_shape: tuple[int, ...]
+    inputs: Inputs  # in the order the graph takes them
+    capture: str = "fx"  # how the graph was captured: "fx" or "export"
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.inputs[0].shape
 
 
-def prepare(model: nn.Module, input_shape: tuple[int, ...], force: bool | None = False,
-            rules: Registry | None = None) -> Student:
-    """Trace, shape-propagate and analyse ``model`` with ``rules`` (a registry layered over the default one;
-    None: the default rules), which also say which modules the tracer keeps whole."""
+def prepare(model: nn.Module, inputs: Inputs | tuple[int, ...], force: bool | None = False,
+            rules: Registry | None = None, capture: str = "auto") -> Student:
+    """Capture (see ``capture.py``), shape-propagate and analyse ``model`` on ``inputs`` (specs, or one
+    input's shape) with ``rules`` (a registry layered over the default one; None: the default rules), which
+    also say which modules the tracer keeps whole."""
     rules = rules if rules is not None else DEFAULT
-    gm = trace(model, rules)
+    inputs = resolve(as_inputs(inputs), model)
     param = next(iter(model.parameters()), None)
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    # Before the example input exists: an input shape too large for this machine is refused, not swapped.
-    check_memory(forward_bytes(gm, tuple(input_shape), dtype), force,
-                 f"a forward at input shape {'x'.join(map(str, input_shape))}", "use a smaller --input-shape")
-    propagate(gm, torch.randn(input_shape, dtype=dtype))
-    return Student(gm, analyse(gm, rules), tuple(input_shape))
+    captured = capture_graph(model, inputs, capture, rules, force, dtype)
+    return Student(captured.gm, analyse(captured.gm, rules), captured.inputs, captured.via)
 
 
 def make_plan(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -19,13 +19,16 @@ from .errors import PlanError, first_line
 from .layout import Cat, Layout, Prod, leaf_ids
 from .branches import branch_shapes
 from .limits import MAX_DEPTH, MAX_DIMS, MAX_INPUT, MAX_INT, MAX_PARTS, MAX_RATIO, MAX_SEED
+from .inputs import InputSpec, Inputs, as_inputs, valid_json
+from .inputs import from_json as inputs_from_json
 from .maps import Maps, teacher_size
 
 FORMAT = "gpd-surgery/teacher"
 # 2: the source may record the student weights' path and SHA-256 (``gpd verify TEACHER`` alone).
-# Version 1 files read unchanged: every v1 field means the same in v2.
-VERSION = 2
-READS = (1, 2)
+# 3: the source may record several example inputs (``inputs``) and how the student was captured
+# (``capture``: fx or export). Older files read unchanged: every v1 and v2 field means the same in v3.
+VERSION = 3
+READS = (1, 2, 3)
 STUDENT_PREFIX = "student/"  # the student's own buffers inside a teacher file
 MODES = ("copy", "share")
 DTYPES = {
@@ -64,11 +67,29 @@ class Plan:
     branches: dict[str, list[str]] = field(default_factory=dict)  # teacher weight -> branch kinds
 
     def input_shape(self, given: tuple[int, ...] | None = None) -> tuple[int, ...]:
-        """``given`` (an --input-shape) when there is one, else the shape the student was expanded at."""
-        shape = tuple(given or self.source.get("input_shape") or ())
+        """``given`` (an --input-shape) when there is one, else the (first) shape the student was expanded at."""
+        return self.inputs(given)[0].shape
+
+    def inputs(self, given: Any = None) -> Inputs:
+        """``given`` (an --input-shape, or --input specs) when there is one, else the inputs the student was
+        expanded with. A shape alone keeps the recorded dtypes and names of a one-input plan."""
+        recorded = self.source.get("inputs")
+        if given:
+            specs = as_inputs(given)
+            if recorded and len(recorded) == 1 and len(specs) == 1 and not isinstance(given[0], InputSpec):
+                return (replace(inputs_from_json(recorded)[0], shape=specs[0].shape),)
+            return specs
+        if recorded:
+            return inputs_from_json(recorded)
+        shape = tuple(self.source.get("input_shape") or ())
         if not shape:
             raise PlanError("the plan records no input shape (the teacher was made from Python): pass --input-shape")
-        return shape
+        return as_inputs(shape)
+
+    @property
+    def capture(self) -> str:
+        """How the student was captured: "fx" (symbolic tracing; every plan before the torch.export path)."""
+        return self.source.get("capture") or "fx"
 
     @property
     def maps(self) -> Maps:
@@ -258,6 +279,12 @@ def _source(v: Any) -> dict[str, Any]:
     if shape is not None:
         _need(isinstance(shape, list) and 0 < len(shape) <= MAX_DIMS and all(_is_int(s) and s > 0 for s in shape)
               and math.prod(shape) <= MAX_INPUT, "source.input_shape must be a list of positive sizes")
+    _need(v.get("inputs") is None or valid_json(v["inputs"]), "source.inputs must list input specs within bounds")
+    _need(not v.get("inputs") or shape is None or v["inputs"][0]["shape"] == shape,
+          "the input shape of source.input_shape and source.inputs differ")
+    _need(v.get("capture") in (None, "fx", "export"), "source.capture must be fx or export")
+    _need(v.get("hf_dir") is None or isinstance(v["hf_dir"], str) and len(v["hf_dir"]) <= 4096,
+          "source.hf_dir must be a path")
     return v
 
 

@@ -13,17 +13,18 @@ from .errors import GPDError, first_line
 
 
 def load_student(model: str, weights: Optional[str], model_args: dict[str, Any], trust_pickle: bool,
-                 plan: Any = None, note: Callable[[str], None] | None = None) -> Any:
+                 plan: Any = None, note: Callable[[str], None] | None = None, trust_remote_code: bool = False) -> Any:
     """The student; with a teacher's ``plan``, checked against the shapes it records before it is allocated.
     ``note`` receives what loading the weights says on the way (a stripped DDP prefix)."""
     from .io import load_weights
     from .trace import load_model
 
-    if not model.startswith(("torchvision:", "timm:")):  # those import nothing from the current directory
+    if not model.startswith(("torchvision:", "timm:", "hf:")):  # those import nothing from the current directory
         cwd_on_path()
     expect = None if plan is None else {r.key: r.shape for r in plan.recipes}
     try:
-        m = load_model(model, model_args, trust_pickle=trust_pickle, expect=expect)
+        m = load_model(model, model_args, trust_pickle=trust_pickle, expect=expect,
+                       trust_remote_code=trust_remote_code)
     except GPDError:
         raise
     except Exception as e:  # the factory's own complaint about its arguments, e.g. a negative width

@@ -15,7 +15,7 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import GPDError
-from .limits import MAX_DIM, MAX_INPUT_ELEMENTS
+from .inputs import Inputs
 from .memory import check_memory
 
 INIT_SEED = 0  # models are built under a fixed seed so that `verify` rebuilds the same random student
@@ -41,21 +41,8 @@ def parse_model_args(items: Iterable[str]) -> dict[str, Any]:
     return out
 
 
-def parse_shape(text: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(x) for x in text.replace("x", ",").split(","))
-    except ValueError:
-        raise GPDError(f"input shape {text!r} is not a comma-separated list of integers, e.g. 1,3,224,224") from None
-    if not shape or any(s <= 0 for s in shape):
-        raise GPDError(f"input shape {text!r} must have positive sizes")
-    if len(shape) > 8 or max(shape) > MAX_DIM or math.prod(shape) > MAX_INPUT_ELEMENTS:
-        raise GPDError(f"input shape {text[:60]!r} is too large: at most 8 dims of up to {MAX_DIM} and "
-                       f"{MAX_INPUT_ELEMENTS:,} values in all")
-    return shape
-
-
 def load_model(spec: str, model_args: dict[str, Any] | None = None, *, trust_pickle: bool = False,
-               expect: dict[str, tuple[int, ...]] | None = None) -> nn.Module:
+               expect: dict[str, tuple[int, ...]] | None = None, trust_remote_code: bool = False) -> nn.Module:
     """Build the student named by ``spec`` (random init, eval mode, seeded). ``expect``: the state dict's
     shapes a teacher's plan records, checked on the meta device before anything is allocated."""
     model_args = dict(model_args or {})
@@ -66,11 +53,16 @@ def load_model(spec: str, model_args: dict[str, Any] | None = None, *, trust_pic
         model = _torchvision(spec.split(":", 1)[1], model_args, expect)
     elif spec.startswith("timm:"):
         model = _timm(spec.split(":", 1)[1], model_args, expect)
+    elif spec.startswith("hf:"):
+        from .hf import load as load_hf
+
+        model = load_hf(spec, model_args, trust_remote_code, expect)
     elif ":" in spec:
         model = _factory(spec, model_args, expect)
     else:
         raise GPDError(
-            f"unknown MODEL spec {spec!r}: use torchvision:NAME, timm:NAME, module.path:callable or a .pt/.pth file"
+            f"unknown MODEL spec {spec!r}: use torchvision:NAME, timm:NAME, hf:DIR, module.path:callable or a .pt/.pth "
+            "file"
         )
     if not isinstance(model, nn.Module):
         raise GPDError(f"{spec} did not give an nn.Module but a {type(model).__name__}")
@@ -122,23 +114,31 @@ def _build(spec: str, make: Any, kwargs: dict[str, Any], expect: dict[str, tuple
     The model is first built on the meta device (sizes, no data), so that arguments asking for more memory
     than is free, or (with ``expect``) for another model than a plan's (a recorded ``width`` of 6000), are
     refused before they allocate anything."""
-    meta = _on_meta_device(make)
-    if meta is not None:
-        if expect is not None:
-            shapes = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
-            wrong = next((k for k in expect if shapes.get(k, expect[k]) != expect[k]), None)
-            if wrong is not None or set(shapes) != set(expect):
-                what = (f"{wrong} is {list(shapes[wrong])} in the model, {list(expect[wrong])} in the plan" if wrong
-                        else "their tensors have other names")
-                raise GPDError(f"the teacher was not made from {spec} with {kwargs} ({what})")
-        size = sum(t.numel() * t.element_size() for t in [*meta.parameters(), *meta.buffers()])
-        check_memory(size, None, f"building {spec} with {kwargs}", "use smaller --model-arg values")
+    check_meta(spec, make, kwargs, expect)
     try:
         return make()
     except TypeError as e:
         raise GPDError(f"{spec} rejected the model arguments {kwargs}: {e}") from None
     except Exception as e:
         raise GPDError(f"{spec} could not be built with {kwargs}: {type(e).__name__}: {e}") from None
+
+
+def check_meta(spec: str, make: Any, kwargs: dict[str, Any], expect: dict[str, tuple[int, ...]] | None = None
+               ) -> None:
+    """Build the model on the meta device (sizes, no data) and refuse, before anything is allocated, a model
+    larger than free memory or (with ``expect``) other than a plan's."""
+    meta = _on_meta_device(make)
+    if meta is None:
+        return
+    if expect is not None:
+        shapes = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
+        wrong = next((k for k in expect if shapes.get(k, expect[k]) != expect[k]), None)
+        if wrong is not None or set(shapes) != set(expect):
+            what = (f"{wrong} is {list(shapes[wrong])} in the model, {list(expect[wrong])} in the plan" if wrong
+                    else "their tensors have other names")
+            raise GPDError(f"the teacher was not made from {spec} with {kwargs} ({what})")
+    size = sum(t.numel() * t.element_size() for t in [*meta.parameters(), *meta.buffers()])
+    check_memory(size, None, f"building {spec} with {kwargs}", "use smaller --model-arg values")
 
 
 def _on_meta_device(make: Any) -> nn.Module | None:
@@ -233,6 +233,10 @@ def leaf_modules_and_wrapped(model: nn.Module) -> tuple[set[type], set]:
     return set(_fx.get_notrace_modules()), set(_fx.get_notrace_functions())
 
 
+class TraceError(GPDError):
+    """Capturing the model failed (not its input): another capture path may succeed."""
+
+
 class _Tracer(fx.Tracer):
     def __init__(self, leaves: set[type], wrapped: set, rules: TraceRules | None) -> None:
         super().__init__(autowrap_functions=tuple(wrapped | (rules.autowrapped() if rules is not None else set())))
@@ -254,37 +258,61 @@ class _Tracer(fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
 
-def trace(model: nn.Module, rules: TraceRules | None = None) -> fx.GraphModule:
+def trace(model: nn.Module, rules: TraceRules | None = None, inputs: Inputs | None = None) -> fx.GraphModule:
     """Symbolically trace ``model``, keeping whole the modules that ``rules`` registered as leaves (and
-    recording its functions as one call); an untraceable model is a user error naming where fx stopped."""
+    recording its functions as one call); an untraceable model is a ``TraceError`` naming where fx stopped.
+    ``inputs``: the example inputs (by default one positional input); parameters of ``forward`` that they do
+    not name are traced at their defaults."""
     tracer = _Tracer(*leaf_modules_and_wrapped(model), rules)
     try:
-        graph = tracer.trace(model, concrete_args=_optional_args(model))
+        graph = tracer.trace(model, concrete_args=_optional_args(model, inputs))
     except Exception as e:
         where = _user_frame(e)
         inner = ""
         if tracer.path:
             name = tracer.path[-1]
             inner = f" in {name} ({type(model.get_submodule(name)).__name__})" if _has_module(model, name) else f" in {name}"
-        raise GPDError(
+        raise TraceError(
             f"torch.fx cannot trace {type(model).__name__}{inner}{where}: {type(e).__name__}: "
-            f"{(str(e).splitlines() or [''])[0]} (make the control flow static, e.g. with torch.where, or wrap the "
-            "function with torch.fx.wrap)"
+            f"{(str(e).splitlines() or [''])[0]} (try --capture export, or make the control flow static, e.g. with "
+            "torch.where, or wrap the function with torch.fx.wrap)"
         ) from None
+    if any(s.name for s in inputs or ()):
+        _inline_defaults(graph, inputs)  # type: ignore[arg-type]
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
-def _optional_args(model: nn.Module) -> dict[str, Any] | None:
-    """Arguments of ``forward`` after the input that have defaults (``mask=None``), traced at their defaults:
-    the teacher is made for the call ``model(x)``, and ``if mask is not None`` must not be traced as taken."""
+def _inline_defaults(graph: fx.Graph, inputs: Inputs) -> None:
+    """Parameters traced at their defaults become constants, so that the graph's placeholders are exactly
+    the example's inputs (``gm(*inputs)`` binds them in order whatever keywords the model takes)."""
+    positional = sum(s.name is None for s in inputs)
+    named = {s.name for s in inputs if s.name}
+    holders = [n for n in graph.nodes if n.op == "placeholder"]
+    for i, n in enumerate(holders):
+        if i >= positional and n.target not in named:
+            default = n.args[0] if n.args else None
+            for user in list(n.users):
+                user.args = fx.node.map_arg(user.args, lambda a: default if a is n else a)
+                user.kwargs = fx.node.map_arg(user.kwargs, lambda a: default if a is n else a)
+            graph.erase_node(n)
+
+
+def _optional_args(model: nn.Module, inputs: Inputs | None = None) -> dict[str, Any] | None:
+    """Arguments of ``forward`` that have defaults (``mask=None``) and that the example's inputs do not give
+    (by position or by name), traced at their defaults: the teacher is made for the call ``model(x)``, and
+    ``if mask is not None`` must not be traced as taken."""
     import inspect
 
     try:
         params = list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError):
         return None
+    inputs = inputs or ()
+    positional = sum(s.name is None for s in inputs) if inputs else 1
+    named = {s.name for s in inputs if s.name}
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    optional = {p.name: p.default for p in params[1:] if p.kind in kinds and p.default is not inspect.Parameter.empty}
+    optional = {p.name: p.default for p in params[positional:] if p.kind in kinds and p.name not in named
+                and p.default is not inspect.Parameter.empty}
     return optional or None
 
 
@@ -363,12 +391,12 @@ def tensors_in(v: Any) -> list[torch.Tensor]:
     return []
 
 
-def forward_bytes(gm: fx.GraphModule, shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
+def forward_bytes(gm: fx.GraphModule, inputs: Inputs, dtype: torch.dtype = torch.float32,
                   total: bool = False) -> int:
-    """The peak memory of one forward at ``shape`` (values alive at once, input included), or with ``total``
+    """The peak memory of one forward on ``inputs`` (values alive at once, inputs included), or with ``total``
     the bytes of all its values together (what a run that records every node holds), found on the meta
     device (or fake tensors where the model builds CPU constants): sizes only, no data, no arithmetic.
-    Where the model cannot run so (data-dependent Python), four times the input's size."""
+    Where the model cannot run so (data-dependent Python), four times the inputs' size."""
     for fake in (False, True):  # meta tensors are 3-4x faster; fake ones also mix with CPU constants
         try:
             peak = _Peak(_meta_copy(gm))  # a copy: a forward that caches tensors on its modules caches them there
@@ -376,14 +404,14 @@ def forward_bytes(gm: fx.GraphModule, shape: tuple[int, ...], dtype: torch.dtype
                 from torch._subclasses.fake_tensor import FakeTensorMode
 
                 with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
-                    peak.run(torch.empty(shape, dtype=dtype))
+                    peak.run(*(torch.empty(s.shape, dtype=s.dtype or dtype) for s in inputs))
             else:
                 with torch.no_grad():
-                    peak.run(torch.empty(shape, dtype=dtype, device="meta"))
+                    peak.run(*(torch.empty(s.shape, dtype=s.dtype or dtype, device="meta") for s in inputs))
             return peak.total if total else peak.peak
         except Exception:
             continue
-    return 4 * math.prod(shape) * dtype.itemsize
+    return 4 * sum(math.prod(s.shape) * (s.dtype or dtype).itemsize for s in inputs)
 
 
 def _meta_copy(gm: fx.GraphModule) -> fx.GraphModule:
@@ -395,12 +423,27 @@ def _meta_copy(gm: fx.GraphModule) -> fx.GraphModule:
     return copy.deepcopy(gm, memo)
 
 
-def propagate(gm: fx.GraphModule, example: torch.Tensor) -> None:
+def propagate(gm: fx.GraphModule, example: list[torch.Tensor], model: nn.Module | None = None,
+              inputs: Inputs | None = None) -> None:
+    """Run ``gm`` on ``example`` and record every node's shape. Where it fails, the model itself says whose
+    fault it is: if ``model`` runs on the example, the capture is wrong (a ``TraceError``), else the input."""
     try:
         with torch.no_grad():
-            ShapeProp(gm).run(example)
+            ShapeProp(gm).run(*example)
+        return
     except Exception as e:
-        raise GPDError(
-            f"the model rejects an input of shape {tuple(example.shape)}: {type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''} (use --input-shape)"
-        ) from None
+        error = e
+    text = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    shapes = ", ".join(str(tuple(t.shape)) for t in example)
+    if model is not None and inputs is not None:
+        from .inputs import call
+
+        try:
+            with torch.no_grad():
+                call(model, inputs, example)
+        except Exception as e:
+            text = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        else:
+            raise TraceError(f"the captured graph of {type(model).__name__} fails where the model runs (input "
+                             f"{shapes}){_user_frame(error)}: {text} (try --capture export)") from None
+    raise GPDError(f"the model rejects an input of shape {shapes}: {text} (use --input-shape or --input)") from None

@@ -15,10 +15,13 @@ from torch import nn
 from .analyse import describe
 from .errors import GPDError
 from .expansion import Student, build_teacher, check_teacher_memory, make_plan, prepare
+from .inputs import Inputs, call, make
+from .inputs import describe as describe_inputs
 from .maps import Maps
 from .memory import check_memory
 from .plan import Plan
 from .rules import Registry
+from .student_view import StudentView
 from .trace import forward_bytes, tensors_in
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
@@ -90,7 +93,7 @@ def devices(choice: str | None) -> list[str]:
     return [choice]
 
 
-def rebuild(model: nn.Module, plan: Plan, tensors: dict[str, torch.Tensor], input_shape: tuple[int, ...],
+def rebuild(model: nn.Module, plan: Plan, tensors: dict[str, torch.Tensor], input_shape: Any,
             rules: Registry | None = None) -> tuple[Student, Maps, fx.GraphModule]:
     """Trace the student again (with the ``rules`` it was expanded with), check that it is the architecture
     the plan was made from, build the teacher."""
@@ -98,11 +101,12 @@ def rebuild(model: nn.Module, plan: Plan, tensors: dict[str, torch.Tensor], inpu
     return student, maps, build_teacher(student, maps, tensors, plan.branches)
 
 
-def replan(model: nn.Module, plan: Plan, input_shape: tuple[int, ...], memory_factor: int = 2,
+def replan(model: nn.Module, plan: Plan, input_shape: Any, memory_factor: int = 2,
            rules: Registry | None = None) -> tuple[Student, Maps]:
     """The traced student and its maps, checked against the plan; memory for ``memory_factor`` teachers (in
-    the model's dtype) checked from sizes before any map is built."""
-    student = prepare(model, input_shape, None, rules)
+    the model's dtype) checked from sizes before any map is built. ``input_shape``: a shape or input specs;
+    the student is captured as the plan records (fx or torch.export)."""
+    student = prepare(model, input_shape, None, rules, capture=plan.capture)
     check_teacher_memory(student.analysis, model, plan.ratio, None, memory_factor)
     again, maps = make_plan(student, model, plan.ratio, plan.seed, plan.equal_shares, plan.source)
     mine, theirs = _structure(again), _structure(plan)
@@ -131,14 +135,16 @@ def _first_difference(mine: dict[str, Any], theirs: dict[str, Any]) -> str:
     return "the channel spaces differ"
 
 
-def compare(student: nn.Module, teacher: nn.Module, inputs: Iterable[torch.Tensor], device: str,
-            dtype: torch.dtype, *, in_place: bool = False) -> Check:
+def compare(student: nn.Module, teacher: nn.Module, inputs: Iterable[Any], device: str,
+            dtype: torch.dtype, *, in_place: bool = False, specs: Inputs | None = None) -> Check:
     """Outputs of copies of ``student`` and ``teacher`` in ``dtype`` on ``device`` (the modules are left as they
-    are), or with ``in_place`` of the modules themselves, moved there (no copy: for models of gigabytes)."""
+    are), or with ``in_place`` of the modules themselves, moved there (no copy: for models of gigabytes).
+    ``inputs``: tensors, or tuples of tensors for a model of several inputs (``specs`` says how the model
+    takes them; captured graphs take them in order)."""
     place = (lambda m: m) if in_place else copy.deepcopy
     s = place(student).to(device=device, dtype=dtype).eval()
     t = place(teacher).to(device=device, dtype=dtype).eval()
-    return _compare_placed(s, t, inputs, device, dtype)
+    return _compare_placed(s, t, inputs, device, dtype, specs=specs)
 
 
 def difference(ref: torch.Tensor, got: torch.Tensor, finite: torch.Tensor | None = None) -> float:
@@ -179,21 +185,37 @@ def _check(device: str, dtype: torch.dtype, max_abs: float, scale: float, tol: f
     return Check(device, str(dtype).replace("torch.", ""), max_abs, rel, tol, bool(rel <= tol), **extra)
 
 
-Outputs = Callable[[int, torch.Tensor], list[torch.Tensor]]  # (input index, input) -> output tensors
+Example = tuple[torch.Tensor, ...]  # one value of every input, in the captured graph's order
+Outputs = Callable[[int, Example], list[torch.Tensor]]  # (input index, example) -> output tensors
 
 
-def _compare_placed(a: nn.Module | Outputs, b: nn.Module | Outputs, inputs: Iterable[torch.Tensor], device: str,
-                    dtype: torch.dtype, reference: list[list[torch.Tensor]] | None = None) -> Check:
+def placed_example(x: Any, device: str, dtype: torch.dtype) -> Example:
+    """An example (a tensor or a tuple of them) on ``device``, its float inputs in ``dtype`` (token ids stay)."""
+    xs = x if isinstance(x, (tuple, list)) else (x,)
+    return tuple(t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device) for t in xs)
+
+
+def run_model(m: nn.Module, xs: Example, specs: Inputs | None = None) -> Any:
+    """``m`` on an example: a captured graph (or a view of one) takes its inputs in order; the model itself
+    takes its keyword inputs by name."""
+    if specs is None or isinstance(m, (fx.GraphModule, StudentView)) or not any(s.name for s in specs):
+        return m(*xs)
+    return call(m, specs, xs)
+
+
+def _compare_placed(a: nn.Module | Outputs, b: nn.Module | Outputs, inputs: Iterable[Any], device: str,
+                    dtype: torch.dtype, reference: list[list[torch.Tensor]] | None = None,
+                    specs: Inputs | None = None) -> Check:
     """Relative to ``a``'s largest output, the largest difference of ``b``'s outputs: modules already placed,
     or functions giving the outputs of input ``i`` (outputs computed already). ``reference``: per input, the
     student's own outputs; a value that is finite there must be finite in both (two NaN students are not
     "equal")."""
-    fa, fb = (_astensors_in(m) for m in (a, b))
+    fa, fb = (_astensors_in(m, specs) for m in (a, b))
     max_abs, scale = 0.0, 0.0
     broken = Check(device, str(dtype).replace("torch.", ""), math.nan, math.nan, TOLERANCE[dtype], False)
     with torch.no_grad(), _no_tf32():
         for i, x in enumerate(inputs):
-            x = x.to(device=device, dtype=dtype)
+            x = placed_example(x, device, dtype)
             ref = reference[i] if reference is not None else None
             ya_all, yb_all = fa(i, x), fb(i, x)
             if len(ya_all) != len(yb_all):
@@ -211,9 +233,9 @@ def _compare_placed(a: nn.Module | Outputs, b: nn.Module | Outputs, inputs: Iter
     return _check(device, dtype, max_abs, scale, TOLERANCE[dtype])
 
 
-def _astensors_in(m: nn.Module | Outputs) -> Outputs:
+def _astensors_in(m: nn.Module | Outputs, specs: Inputs | None = None) -> Outputs:
     if isinstance(m, nn.Module):
-        return lambda i, x: tensors_in(m(x))
+        return lambda i, x: tensors_in(run_model(m, x, specs))
     return m
 
 
@@ -320,7 +342,7 @@ def _student_node(student: Student, name: str) -> fx.Node:
 
 
 def compare_inside(student: Student, maps: Maps, student_gm: fx.GraphModule, teacher: fx.GraphModule,
-                   x: torch.Tensor, device: str, dtype: torch.dtype
+                   x: Any, device: str, dtype: torch.dtype
                    ) -> tuple[Check, dict[str, Any] | None, list[torch.Tensor], list[torch.Tensor]]:
     """The activation invariant at every node: each copy of a student channel in the teacher holds the
     student's activation. ``student_gm`` and ``teacher`` are placed in ``dtype`` on ``device``. Returns the
@@ -328,11 +350,11 @@ def compare_inside(student: Student, maps: Maps, student_gm: fx.GraphModule, tea
     that the output check need not run either again on this input)."""
     tol = INSIDE_TOLERANCE[dtype]
     with torch.no_grad(), _no_tf32():
-        x = x.to(device=device, dtype=dtype)
+        xs = placed_example(x, device, dtype)
         record = _Record(student_gm, student.analysis.dims)
-        student_out = tensors_in(record.run(x))
+        student_out = tensors_in(record.run(*xs))
         inside = _Inside(teacher, student, maps, record, tol)
-        teacher_out = tensors_in(inside.run(x))
+        teacher_out = tensors_in(inside.run(*xs))
         record.values.clear()
     check = Check(device, str(dtype).replace("torch.", ""), inside.max_abs, inside.max_rel, tol,
                   inside.first is None, nodes=inside.nodes, worst=inside.worst)
@@ -362,7 +384,7 @@ class _Cast(Mapping[str, torch.Tensor]):
 
 
 def extraction_check(model: nn.Module, plan: Plan, tensors: Mapping[str, torch.Tensor], teacher: nn.Module,
-                     student: Student, inputs: list[torch.Tensor], device: str, dtype: torch.dtype,
+                     student: Student, inputs: list[Any], device: str, dtype: torch.dtype,
                      reference: list[list[torch.Tensor]] | None = None) -> Check:
     """The student that `gpd extract` writes, loaded into ``model``, against the teacher's student view;
     both collapsed in ``dtype`` so that the comparison measures the two paths, not a rounding. ``teacher``
@@ -378,17 +400,17 @@ def extraction_check(model: nn.Module, plan: Plan, tensors: Mapping[str, torch.T
     del state
     view = StudentView(teacher, plan, student.gm).to(device=device, dtype=dtype).eval()
     view.load_student_buffers(tensors)
-    return _compare_placed(extracted, view, inputs, device, dtype, reference)
+    return _compare_placed(extracted, view, inputs, device, dtype, reference, specs=student.inputs)
 
 
 def _placed(model: nn.Module, device: str, dtype: torch.dtype) -> nn.Module:
     return copy.deepcopy(model).to(device=device, dtype=dtype).eval()
 
 
-def _runtensors_in(model: nn.Module, inputs: list[torch.Tensor], device: str, dtype: torch.dtype
-                 ) -> list[list[torch.Tensor]]:
+def _runtensors_in(model: nn.Module, inputs: list[Any], device: str, dtype: torch.dtype,
+                   specs: Inputs | None = None) -> list[list[torch.Tensor]]:
     with torch.no_grad(), _no_tf32():
-        return [tensors_in(model(x.to(device=device, dtype=dtype))) for x in inputs]
+        return [tensors_in(run_model(model, placed_example(x, device, dtype), specs)) for x in inputs]
 
 
 def is_constant(outputs: list[list[torch.Tensor]]) -> bool:
@@ -398,7 +420,7 @@ def is_constant(outputs: list[list[torch.Tensor]]) -> bool:
                                     for o in outputs[1:])
 
 
-def verify(model: nn.Module, plan: Plan, tensors: dict[str, torch.Tensor], input_shape: tuple[int, ...] | None = None,
+def verify(model: nn.Module, plan: Plan, tensors: dict[str, torch.Tensor], input_shape: Any = None,
            device: str | None = None, n_inputs: int = 3, seed: int = 0, trained: bool = False,
            progress: Callable[[str], None] | None = None, rules: Registry | None = None) -> Report:
     """Compare the student ``model`` with the teacher rebuilt from ``plan`` and ``tensors`` (IR): outputs, and
@@ -408,18 +430,18 @@ def verify(model: nn.Module, plan: Plan, tensors: dict[str, torch.Tensor], input
     import time
 
     step = progress or (lambda label: None)
-    shape = plan.input_shape(input_shape)
+    given = plan.inputs(input_shape)
     t0 = time.perf_counter()
     step("tracing the student")
     # Memory for the float32 and float64 teachers, built one at a time.
-    student, maps = replan(model, plan, shape, memory_factor=3, rules=rules)
+    student, maps = replan(model, plan, given, memory_factor=3, rules=rules)
     # The comparison inside keeps every student activation (float64) while the teacher, up to ``ratio`` times
     # wider, runs: refused before it starts when a shape (the plan's, or --input-shape) makes that too much.
-    need = forward_bytes(student.gm, shape, torch.float64, total=True) * (1 + plan.ratio)
-    check_memory(need, None, f"verifying at input shape {'x'.join(map(str, shape))}", "use a smaller --input-shape")
+    need = forward_bytes(student.gm, student.inputs, torch.float64, total=True) * (1 + plan.ratio)
+    check_memory(need, None, f"verifying at input {describe_inputs(student.inputs)}", "use a smaller --input-shape")
     t1 = time.perf_counter()
     g = torch.Generator().manual_seed(seed)
-    inputs = [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(n_inputs)]
+    inputs = [tuple(make(student.inputs, torch.float64, g)) for _ in range(n_inputs)]
     checks, inside, extraction = [], [], []
     firsts: list[tuple[bool, dict[str, Any]]] = []
     constant = False
@@ -444,9 +466,10 @@ def verify(model: nn.Module, plan: Plan, tensors: dict[str, torch.Tensor], input
                     firsts.append((dt == torch.float64 and dev == "cpu", {**first, "device": dev, "dtype": check.dtype}))
             step(f"teacher = student ({name})")
             if len(reference) < len(inputs):
-                reference += _runtensors_in(_placed(model, dev, dt), inputs[len(reference):], dev, dt)
+                reference += _runtensors_in(_placed(model, dev, dt), inputs[len(reference):], dev, dt,
+                                            student.inputs)
             constant = constant or (dt == torch.float64 and is_constant(reference))
-            teacher_out: Outputs = lambda i, x, t=placed: known.pop(i) if i in known else tensors_in(t(x))  # noqa: B023
+            teacher_out: Outputs = lambda i, x, t=placed: known.pop(i) if i in known else tensors_in(t(*x))  # noqa: B023
             checks.append(_compare_placed(lambda i, x: reference[i], teacher_out, inputs, dev, dt, reference))
             step(f"extracted = student view ({name})")
             extraction.append(extraction_check(model, plan, tensors, placed, student, inputs, dev, dt, reference))

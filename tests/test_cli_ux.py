@@ -276,7 +276,7 @@ def test_progress_shows_each_step_on_a_terminal(terminal, tmp_path):
     r = gpd("expand", MODEL, *SHAPE, "-o", tmp_path / "t.safetensors")
     assert r.exit_code == 0, r.output
     shown = terminal.getvalue()
-    for label in ("loading gpd_surgery.examples:small_cnn", "tracing and planning x2", "building the teacher",
+    for label in ("loading gpd_surgery.examples:small_cnn", "capturing and planning x2", "building the teacher",
                   "writing"):
         assert label in shown, label
     assert "loading" not in r.output  # the table on stdout is unchanged
@@ -297,7 +297,7 @@ def test_no_progress_with_json_or_off_a_terminal(terminal, tmp_path):
 
 def test_progress_is_quiet_off_a_terminal(tmp_path):
     r = gpd("expand", MODEL, *SHAPE, "-o", tmp_path / "t.safetensors")  # CliRunner's stderr is no terminal
-    assert r.exit_code == 0 and "tracing and planning" not in r.output
+    assert r.exit_code == 0 and "capturing and planning" not in r.output
 
 
 # -- 8. -h and --version ----------------------------------------------------------------------------

@@ -359,7 +359,9 @@ def test_a_version_1_teacher_verifies_from_its_plan_alone():
     assert json.loads(r.stdout)["passed"]
 
 
-def test_new_teachers_are_version_2(small):
+def test_new_teachers_are_version_3(small):
     d, _, _ = small
     meta, _ = gio.read_header(str(d / "t.safetensors"))
-    assert json.loads(meta[gio.PLAN_KEY])["version"] == 2
+    plan = json.loads(meta[gio.PLAN_KEY])
+    assert plan["version"] == 3
+    assert plan["source"]["capture"] == "fx" and plan["source"]["inputs"] == [{"shape": plan["source"]["input_shape"]}]

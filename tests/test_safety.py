@@ -89,7 +89,7 @@ def _edit(fn):
 
 
 PLAN_EDITS = {
-    "another format version": (_edit(lambda p: p.update(version=3)), "format version 3"),
+    "another format version": (_edit(lambda p: p.update(version=4)), "format version 4"),
     "another format": (_edit(lambda p: p.update(format="pickle")), "format is 'pickle'"),
     "index out of range": (_edit(lambda p: next(s for s in p["spaces"].values() if "src" in s)["src"].__setitem__(0, 99)),
                            "indices in 0.."),
@@ -554,7 +554,7 @@ def test_inspect_teacher_and_student(teacher, tmp_path):
     assert r.exit_code == 0, r.output
     rep = json.loads(r.output)
     tensors = load_file(str(t))
-    assert rep["kind"] == "teacher" and rep["format"] == "gpd-surgery/teacher v2" and rep["ratio"] == 2
+    assert rep["kind"] == "teacher" and rep["format"] == "gpd-surgery/teacher v3" and rep["ratio"] == 2
     assert rep["source"]["model_args"] == {"width": 4} and rep["tensors"] == len(tensors)
     assert rep["tensor_bytes"] == sum(v.numel() * v.element_size() for v in tensors.values())
     assert rep["student_params"] == sum(p.numel() for p in model.parameters())

@@ -31,7 +31,8 @@ app = typer.Typer(
 out = Console()
 err = Console(stderr=True)
 
-MODEL_HELP = "torchvision:NAME, timm:NAME, module.path:callable, or a .pt/.pth file holding a pickled nn.Module."
+MODEL_HELP = ("torchvision:NAME, timm:NAME, hf:DIR (a Hugging Face model directory), module.path:callable, or a "
+              ".pt/.pth file holding a pickled nn.Module.")
 TRUST_HELP = ("Allow unpickling a .pt MODEL, or --weights that a weights-only load refuses (a whole pickled model): "
               "runs code from the file.")
 DURABLE_HELP = "Also fsync the output before naming it, so that it survives a power cut (slower: waits for the disk)."
@@ -43,7 +44,14 @@ MODEL_ARG_HELP = "KEY=VALUE passed to the model factory (repeatable), e.g. num_c
 SEED_OPT = typer.Option(0, "--seed", min=0, max=MAX_SEED, help="Seed of the symmetry-breaking shares (and of "
                         "fractional maps).")
 EQUAL_OPT = typer.Option(False, "--equal-shares", help="Split dense weights equally among copies.")
-INPUT_SHAPE_HELP = "Example input shape, e.g. 1,3,224,224."
+INPUT_SHAPE_HELP = "Example input shape, e.g. 1,3,224,224 (one input; see --input for several)."
+INPUT_OPT = typer.Option([], "--input", help="An example input as [NAME=]SHAPE[:DTYPE], repeatable: positional "
+                         "inputs in order, NAME= for a keyword input, DTYPE float (default), int64 or bool (token ids "
+                         "are drawn within the model's embeddings), e.g. --input 1,3,224,224 --input ids=1,16:int64.")
+CAPTURE_OPT = typer.Option("auto", "--capture", help="How the model is captured: fx (symbolic tracing), export "
+                           "(torch.export) or auto (fx, and torch.export where fx cannot trace the model).")
+REMOTE_OPT = typer.Option(False, "--trust-remote-code", help="Allow an hf:DIR model whose config asks for code from "
+                          "the directory (auto_map): runs that code.")
 
 
 def _version(value: bool) -> None:
@@ -135,11 +143,11 @@ def main() -> None:
 
 # -- students -------------------------------------------------------------------------------------
 def student(model: str, weights: Optional[str], model_args: dict[str, Any], trust_pickle: bool,
-            plan: Any = None) -> Any:
+            plan: Any = None, trust_remote_code: bool = False) -> Any:
     """``sources.load_student``, its notes on stderr."""
     from ..sources import load_student
 
-    return load_student(model, weights, model_args, trust_pickle, plan, note)
+    return load_student(model, weights, model_args, trust_pickle, plan, note, trust_remote_code)
 
 
 # -- options --------------------------------------------------------------------------------------
@@ -170,8 +178,29 @@ def ratio_of(text: str) -> float:
 def input_shape_of(text: Optional[str], model: Optional[str] = None) -> Optional[tuple[int, ...]]:
     """The one place an input shape is chosen: ``--input-shape`` when given, else the model's usual one (with a
     MODEL spec), else None (the teacher's plan decides)."""
-    from ..trace import default_input_shape, parse_shape
+    from ..inputs import parse_shape
+    from ..trace import default_input_shape
 
     if text:
         return parse_shape(text)
     return default_input_shape(model) if model else None
+
+
+def inputs_of(shape_text: Optional[str], items: List[str], spec: Optional[str] = None, model: Any = None) -> Any:
+    """The example inputs: ``--input`` specs, or ``--input-shape``, or the model's usual input (a Hugging Face
+    model's from its config); None when neither is given and there is no model (the teacher's plan decides).
+    A shape given for a Hugging Face model is its main input (``pixel_values``, ``input_ids``)."""
+    from ..hf import default_inputs, main_input
+    from ..inputs import InputSpec, parse_inputs
+
+    if items and shape_text:
+        raise GPDError("give the example input with --input-shape or with --input, not both")
+    if items:
+        return parse_inputs(items)
+    main = main_input(model) if model is not None else None
+    if shape_text:
+        shape = input_shape_of(shape_text)
+        return (InputSpec(shape, main[1], main[0]),) if main else shape
+    if main is not None:
+        return default_inputs(model)
+    return input_shape_of(None, spec) if spec else None

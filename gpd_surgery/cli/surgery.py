@@ -8,12 +8,13 @@ from typing import Any, List, Optional
 import typer
 from rich.table import Table
 
+from ..errors import GPDError
 from ..memory import fmt_bytes
 from ..progress import steps
 from . import common
-from .common import (BRANCH_KINDS, emit, DEBUG_OPT, DURABLE_HELP, EQUAL_OPT, INPUT_SHAPE_HELP, JSON_OPT, MODEL_ARG_HELP,
-                     MODEL_HELP, SEED_OPT, TRUST_OPT, app, default_output, guarded, input_shape_of, is_file_spec,
-                     ratio_of, safe, student)
+from .common import (BRANCH_KINDS, CAPTURE_OPT, INPUT_OPT, REMOTE_OPT, emit, DEBUG_OPT, DURABLE_HELP, EQUAL_OPT,
+                     INPUT_SHAPE_HELP, JSON_OPT, MODEL_ARG_HELP, MODEL_HELP, SEED_OPT, TRUST_OPT, app, default_output,
+                     guarded, inputs_of, is_file_spec, ratio_of, safe, student)
 from ..sources import model_args_of, weights_source
 
 RATIO_OPT = typer.Option("2", "--ratio", "-r", help="Width expansion ratio (1 to 64, any real number).")
@@ -32,10 +33,13 @@ def expand(
                                           "dict (loaded weights-only); the plan records their path and SHA-256."),
     model_arg: List[str] = typer.Option([], "--model-arg", help=MODEL_ARG_HELP),
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help=INPUT_SHAPE_HELP),
+    input: List[str] = INPUT_OPT,
+    capture: str = CAPTURE_OPT,
     seed: int = SEED_OPT,
     equal_shares: bool = EQUAL_OPT,
     branches: str = typer.Option("none", "--branches", help=BRANCHES_HELP),
     trust_pickle: bool = TRUST_OPT,
+    trust_remote_code: bool = REMOTE_OPT,
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output, and skip the memory checks."),
     durable: bool = typer.Option(False, "--durable", help=DURABLE_HELP),
     as_json: bool = JSON_OPT,
@@ -47,17 +51,19 @@ def expand(
     from ..io import check_output
     from ..memory import check_memory
 
-    r, args, shape = ratio_of(ratio), model_args_of(model_arg), input_shape_of(input_shape, model)
+    r, args = ratio_of(ratio), model_args_of(model_arg)
+    inputs_of(input_shape, input)  # a malformed shape is refused before the model is built
     kinds = parse_branches(branches)
     output = output or default_output([weights, model if is_file_spec(model) else None], model, "teacher")
     check_output(output, force)
     with steps(common.err, as_json) as step:
         step(f"loading {model}" + (f" with {weights}" if weights else ""))
-        m = student(model, weights, args, trust_pickle)
+        m = student(model, weights, args, trust_pickle, trust_remote_code=trust_remote_code)
+        shape = inputs_of(input_shape, input, model, m)
         source = {"model": model, "model_args": args, **weights_source(weights)}
-        step(f"tracing and planning x{r:g}")
+        step(f"capturing and planning x{r:g}")
         planned = api.plan_expansion(m, shape, r, seed=seed, equal_shares=equal_shares, source=source,
-                                     branches=kinds, force=force)
+                                     branches=kinds, force=force, capture=capture)
         check_memory(planned.build_bytes(), force)  # before any teacher tensor exists
         step("building the teacher")
         result = planned.build()
@@ -90,10 +96,13 @@ def plan_cmd(
     weights: Optional[str] = typer.Option(None, "--weights", "-w", help="Student weights (checked against the model)."),
     model_arg: List[str] = typer.Option([], "--model-arg", help=MODEL_ARG_HELP),
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help=INPUT_SHAPE_HELP),
+    input: List[str] = INPUT_OPT,
+    capture: str = CAPTURE_OPT,
     seed: int = SEED_OPT,
     equal_shares: bool = EQUAL_OPT,
     branches: str = typer.Option("none", "--branches", help=BRANCHES_HELP + " Counted in the teacher's size."),
     trust_pickle: bool = TRUST_OPT,
+    trust_remote_code: bool = REMOTE_OPT,
     as_json: bool = JSON_OPT,
     debug: bool = DEBUG_OPT,
 ) -> int:
@@ -103,15 +112,17 @@ def plan_cmd(
     from ..branches import parse as parse_branches
     from ..report import plan_report
 
-    r, args, shape = ratio_of(ratio), model_args_of(model_arg), input_shape_of(input_shape, model)
+    r, args = ratio_of(ratio), model_args_of(model_arg)
+    inputs_of(input_shape, input)
     kinds = parse_branches(branches)
     with steps(common.err, as_json) as step:
         step(f"loading {model}" + (f" with {weights}" if weights else ""))
-        m = student(model, weights, args, trust_pickle)
-        step(f"tracing and planning x{r:g}")
+        m = student(model, weights, args, trust_pickle, trust_remote_code=trust_remote_code)
+        shape = inputs_of(input_shape, input, model, m)
+        step(f"capturing and planning x{r:g}")
         # a dry run makes no teacher tensor: a teacher too large for this machine is shown, not refused
         planned = api.plan_expansion(m, shape, r, seed=seed, equal_shares=equal_shares, branches=kinds,
-                                     source={"model": model}, dry_run=True)
+                                     source={"model": model}, dry_run=True, capture=capture)
         rep = {"model": model, **plan_report(planned), "branches": list(kinds),
                "branched_weights": len(planned.plan.branches)}
     emit(rep, as_json, _print_plan)
@@ -155,6 +166,10 @@ def extract(
     output: Optional[str] = typer.Option(None, "-o", "--output", help="Student file to write (default: next to "
                                          "TEACHER, NAME.student.safetensors for NAME.teacher.safetensors or "
                                          "NAME.safetensors)."),
+    hf_dir: Optional[str] = typer.Option(None, "--hf-dir", help="Write the student as a Hugging Face model "
+                                         "directory (the hf:DIR model's config and processor files copied, weights "
+                                         "as model.safetensors) that from_pretrained loads; the .safetensors file "
+                                         "is then written only if -o is given."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
     durable: bool = typer.Option(False, "--durable", help=DURABLE_HELP),
     as_json: bool = JSON_OPT,
@@ -162,21 +177,36 @@ def extract(
 ) -> int:
     """Collapse a teacher into a student state dict, loadable strictly into the original architecture."""
     from .. import api
-    from ..io import atomic_save, check_output
+    from ..hf import is_hf, write_dir
+    from ..io import atomic_save, check_output, read_plan
 
-    output = output or default_output([teacher], None, "student")
-    check_output(output, force)
+    if output is None and hf_dir is None:
+        output = default_output([teacher], None, "student")
+    if output is not None:
+        check_output(output, force)
+    source = None
+    if hf_dir is not None:
+        source = read_plan(teacher)[0].source.get("model") or ""
+        if not is_hf(source):
+            raise GPDError(f"--hf-dir needs a teacher expanded from an hf:DIR model; {teacher} was expanded from "
+                           f"{source or 'Python'}")
     with steps(common.err, as_json) as step:
         step(f"reading {teacher} and collapsing it")
         t0 = time.perf_counter()
         state = api.extract(teacher)
-        step(f"writing {output}")
-        atomic_save(state, output, durable=durable, overwrite=force)
-    result = {"teacher": teacher, "output": output, "tensors": len(state),
+        written = []
+        if output is not None:
+            step(f"writing {output}")
+            atomic_save(state, output, durable=durable, overwrite=force)
+            written.append(output)
+        if hf_dir is not None:
+            step(f"writing the Hugging Face directory {hf_dir}")
+            written += write_dir(state, source, hf_dir, force)
+    result = {"teacher": teacher, "output": output, "hf_dir": hf_dir, "written": written, "tensors": len(state),
               "student_params": sum(v.numel() for v in state.values()), "seconds": round(time.perf_counter() - t0, 3)}
     emit(result, as_json, lambda r: common.out.print(
-        f"wrote {safe(r['output'])}: {r['tensors']} tensors, {r['student_params']:,} values in {r['seconds']:.2f} s",
-        highlight=False))
+        f"wrote {safe(', '.join(r['written']))}: {r['tensors']} tensors, {r['student_params']:,} values in "
+        f"{r['seconds']:.2f} s", highlight=False))
     return 0
 
 

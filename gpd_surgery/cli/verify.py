@@ -11,8 +11,8 @@ from rich.table import Table
 from ..errors import GPDError
 from ..progress import steps
 from . import common
-from .common import (DEBUG_OPT, emit, JSON_OPT, MODEL_HELP, TRUST_OPT, app, guarded, input_shape_of, is_file_spec, note,
-                     safe, student)
+from .common import (DEBUG_OPT, emit, JSON_OPT, MODEL_HELP, REMOTE_OPT, TRUST_OPT, app, guarded, inputs_of, is_file_spec,
+                     note, safe, student)
 from ..sources import model_args_of, plan_model, sha256
 
 
@@ -29,11 +29,14 @@ def verify(
                                           "(default: those the plan records, found by path and checked by SHA-256)."),
     model_arg: List[str] = typer.Option([], "--model-arg", help="KEY=VALUE for the factory (default: those the plan records)."),
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Input shape (default: the plan's)."),
+    input: List[str] = typer.Option([], "--input", help="Example inputs as [NAME=]SHAPE[:DTYPE], repeatable "
+                                    "(default: the plan's)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: both when CUDA is present)."),
     inputs: int = typer.Option(3, "--inputs", min=1, max=1000, help="Number of random inputs."),
     trained: bool = typer.Option(False, "--trained", help="The teacher was trained: report teacher vs student for "
                                  "information only; the exit code follows the extraction check alone."),
     trust_pickle: bool = TRUST_OPT,
+    trust_remote_code: bool = REMOTE_OPT,
     as_json: bool = JSON_OPT,
     debug: bool = DEBUG_OPT,
 ) -> int:
@@ -56,9 +59,9 @@ def verify(
         step("finding the student weights" if weights is None else f"checking {weights}")
         used = _weights(plan, teacher, weights)
         step(f"loading {model}" + (f" with {used}" if used else ""))
-        m = student(model, used, args, trust_pickle, plan)
+        m = student(model, used, args, trust_pickle, plan, trust_remote_code)
         t0 = time.perf_counter()
-        report = run_verify(m, plan, tensors, input_shape_of(input_shape), device, inputs, trained=trained,
+        report = run_verify(m, plan, tensors, inputs_of(input_shape, input), device, inputs, trained=trained,
                             progress=step)
     result = {"model": model, "teacher": teacher, "weights": used, **report.to_dict(),
               "seconds": round(time.perf_counter() - t0, 3)}

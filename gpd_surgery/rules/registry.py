@@ -87,6 +87,14 @@ class Registry:
         entry = self._module_entry(type(m))
         return entry is not None and entry.leaf
 
+    def knows_module(self, m: nn.Module) -> bool:
+        """Whether a rule knows ``m``'s calls as a whole (a leaf or a built-in module rule): the torch.export
+        capture then turns the ops of each call back into one ``call_module`` node."""
+        cls = type(m)
+        for base in cls.__mro__:
+            _load_library_rules(base)
+        return self._module_entry(cls) is not None
+
     def autowrapped(self) -> set[Callable[..., Any]]:
         """The Python functions registered as leaves, for the tracer to record as one call each."""
         out: set[Callable[..., Any]] = set()
