@@ -225,8 +225,9 @@ def _has_tensor(spec: Any) -> bool:
 
 def offered(spaces: Spaces) -> set[int]:
     """Root spaces that a rule offered to widen (``expandable``), that were factors of a product offered to
-    widen, or that an unsupported op froze (see ``Spaces.offered``)."""
+    widen, or that an unsupported op froze (see ``Spaces.offered``), unless a deliberate freeze touched them."""
     out = {leaf for i in spaces.offered for leaf in spaces.leaves(i)}  # roots now, definitions resolved
+    out -= spaces.designed
     out.update(i for i in range(len(spaces.parent)) if spaces.expandable[i])
     return {i for i in out if spaces.find(i) == i and i not in spaces.definition and spaces.size[i] > 1}
 

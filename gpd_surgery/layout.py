@@ -33,6 +33,7 @@ class Cat:
 Layout = Union[int, Prod, Cat]
 
 BOUNDARY = "graph boundary"
+DESIGN = "by design"  # prefix of deliberate freezes (spatial dims, head_dim, channels within a group)
 
 
 def leaf_ids(lay: Layout) -> list[int]:
@@ -53,6 +54,9 @@ class Spaces:
         # Atoms offered to widen other than by ``expandable``: the factors of a wanted product that no factor
         # could widen, and the spaces an unsupported op froze. Reported where frozen, never widened.
         self.offered: set[int] = set()
+        # Roots that a deliberate freeze touched, whatever froze them first (a rotary embedding's strided
+        # slice of head_dim before the product q @ k contracts it): never reported as offered.
+        self.designed: set[int] = set()
 
     # -- atoms -------------------------------------------------------------
     def new(self, size: int, *, expandable: bool = False, frozen: str | None = None) -> int:
@@ -117,6 +121,8 @@ class Spaces:
         for leaf in self.leaves(lay):
             if self.frozen[leaf] is None:
                 self.frozen[leaf] = reason
+            if reason.startswith(DESIGN):
+                self.designed.add(leaf)
 
     def mark_expandable(self, lay: Layout) -> None:
         """Allow a layout to widen: every part of a concatenation; one factor of a product (see finalize)."""
@@ -181,6 +187,8 @@ class Spaces:
         self.parent[b] = a
         self.expandable[a] = self.expandable[a] or self.expandable[b]
         self.frozen[a] = self.frozen[a] if self.frozen[a] is not None else self.frozen[b]
+        if b in self.designed:
+            self.designed.add(a)
 
     def _bind(self, atom: int, lay: Layout, where: str) -> None:
         if atom in self.leaves(lay):
@@ -189,6 +197,8 @@ class Spaces:
         self.definition[atom] = lay
         if self.frozen[atom] is not None:
             self.freeze(lay, self.frozen[atom])  # type: ignore[arg-type]
+        if atom in self.designed:
+            self.designed.update(self.leaves(lay))
         if self.expandable[atom]:
             self.mark_expandable(lay)
 

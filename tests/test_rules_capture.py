@@ -501,3 +501,31 @@ def test_mvit_block_verifies_inside():
     report = verify(model, res.plan, res.tensors, shape, device="cpu")
     assert all(c.passed for c in report.checks), report.checks  # the outputs agree
     assert report.passed, report.divergence
+
+
+def main() -> None:
+    """The table of docs/models.md, "torchvision beyond classification": ``python tests/test_rules_capture.py``
+    (randomized weights and BatchNorm statistics, one random input, ratio 2)."""
+    import time
+
+    print("| model | input shape | x (params, ratio 2) | frozen | float64 rel | float32 rel | s |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for name, (factory, shape) in WHOLE.items():
+        t0 = time.perf_counter()
+        torch.manual_seed(0)
+        model = randomize(factory())
+        res = expand(model, shape, 2, seed=1)
+        used = [r for r in res.plan.recipes if r.kind == "param" and r.key in res.student.gm.state_dict()]
+        factor = sum(res.tensors[r.key].numel() for r in used) / sum(math.prod(r.shape) for r in used)
+        frozen = res.summary()["spaces_frozen"]
+        teacher = res.teacher()
+        res.tensors.clear()
+        x = [torch.randn(shape)]
+        f64 = compare(model, teacher, x, "cpu", torch.float64, in_place=True)
+        f32 = compare(model, teacher, x, "cpu", torch.float32, in_place=True)
+        print(f"| {name} | {'x'.join(map(str, shape))} | {factor:.2f} | {frozen} | {f64.max_rel:.1e} | "
+              f"{f32.max_rel:.1e} | {time.perf_counter() - t0:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
