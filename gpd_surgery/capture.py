@@ -36,6 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import GPDError, first_line
+from .rules.registry import builtin
+from .trace import TraceError
 from .inputs import Inputs, InputSpec, describe
 
 CAPTURES = ("auto", "fx", "export")
@@ -64,7 +66,7 @@ def capture(model: nn.Module, inputs: Inputs, how: str, rules: Any, force: bool 
     (``auto``) the first that captures it. The forward's memory is checked before the example exists."""
     from .inputs import make
     from .memory import check_memory
-    from .trace import TraceError, forward_bytes, propagate, trace
+    from .trace import forward_bytes, propagate, trace
 
     if how not in CAPTURES:
         raise GPDError(f"--capture {how!r} is not one of {', '.join(CAPTURES)}")
@@ -84,16 +86,37 @@ def capture(model: nn.Module, inputs: Inputs, how: str, rules: Any, force: bool 
             failed = e
     check_memory(4 * sum(math.prod(s.shape) * (s.dtype or dtype).itemsize for s in inputs), force, where, hint)
     example = make(inputs, dtype)
-    try:
-        captured = export_graph(model, inputs, example, rules)
-    except GPDError as e:
-        if failed is None:
-            raise
-        raise TraceError(f"{first_line(failed, 1000)}; torch.export failed too: {first_line(e, 300)}") from None
-    check_memory(forward_bytes(captured.gm, captured.inputs, dtype), force, where, hint)
     position = {id(s): i for i, s in enumerate(inputs)}
-    propagate(captured.gm, [example[position[id(s)]] for s in captured.inputs], model, inputs)
-    return captured
+    error: GPDError | None = None
+    for dynamic in (True, False):  # a dynamic batch where the model allows one, else the example's shapes
+        try:
+            captured = export_graph(model, inputs, example, rules, dynamic)
+            check_memory(forward_bytes(captured.gm, captured.inputs, dtype), force, where, hint)
+            propagate(captured.gm, [example[position[id(s)]] for s in captured.inputs], model, inputs)
+            return captured
+        except TraceError as e:  # not the input's fault (propagate raises that at once)
+            error = e
+    assert error is not None
+    if failed is None:
+        raise error
+    raise TraceError(f"{first_line(failed, 1000)}; torch.export failed too: {first_line(error, 300)}") from None
+
+
+def check_input_shape(x: torch.Tensor, shape: tuple[int, ...], name: str) -> None:
+    """The guard of a graph exported at fixed shapes: another shape would run with the example's sizes baked
+    in (a view to the example's batch), so it is refused."""
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"this graph was captured by torch.export at fixed shapes: input {name} must be "
+                         f"{tuple(shape)}, not {tuple(x.shape)}")
+
+
+torch.fx.node.has_side_effect(check_input_shape)  # kept by dead-code elimination, although unused
+
+
+@builtin(check_input_shape)
+def _guard_rule(ctx: Any) -> None:
+    """The guard relates no dimension and gives no tensor."""
+    return None
 
 
 def _fx_order(gm: fx.GraphModule, inputs: Inputs) -> Inputs:
@@ -112,49 +135,62 @@ def _fx_order(gm: fx.GraphModule, inputs: Inputs) -> Inputs:
 
 
 # -- torch.export -------------------------------------------------------------------------------------
-def export_graph(model: nn.Module, inputs: Inputs, example: Sequence[torch.Tensor], rules: Any) -> Captured:
-    """``model`` captured by torch.export and brought to the torch level (see the module's docstring)."""
-    ep = _export(model, inputs, example)
+def export_graph(model: nn.Module, inputs: Inputs, example: Sequence[torch.Tensor], rules: Any,
+                 dynamic: bool = True) -> Captured:
+    """``model`` captured by torch.export and brought to the torch level (see the module's docstring), with a
+    dynamic batch dimension (``dynamic``) or at the example's shapes, then guarded against any other."""
+    ep = _export(model, inputs, example, dynamic)
     unlifted = ep.module()
     graph = _plain_graph(unlifted.graph)
     ordered = _placeholder_order(graph, model, inputs)
     _drop_guards(graph)
     _restore_modules(graph, model, rules)
     _torch_level(graph, rules)
+    _follow_model(graph, model)
     graph.eliminate_dead_code(is_impure_node=_impure)
+    if not dynamic:
+        _guard_shapes(graph)
     graph.lint()
     root = _root(graph, model, unlifted)
     gm = fx.GraphModule(root, graph, type(model).__name__)
     return Captured(gm, ordered, "export")
 
 
-def _export(model: nn.Module, inputs: Inputs, example: Sequence[torch.Tensor]) -> Any:
-    """The exported program, with a dynamic batch dimension where the model allows one (a batch of 2 at
-    export: sizes 0 and 1 are always specialised), else static at the example's shapes."""
+def _guard_shapes(graph: fx.Graph) -> None:
+    holders = [n for n in graph.nodes if n.op == "placeholder"]
+    if not holders:
+        return
+    with graph.inserting_after(holders[-1]):
+        for n in reversed(holders):
+            val = n.meta.get("val")
+            if isinstance(val, torch.Tensor):
+                graph.call_function(check_input_shape, (n, tuple(val.shape), n.name))
+
+
+def _export(model: nn.Module, inputs: Inputs, example: Sequence[torch.Tensor], dynamic: bool) -> Any:
+    """The exported program: with a dynamic batch dimension (exported at a batch of 2: export specialises
+    sizes 0 and 1; the graph's own guards, which say the batch is at least 2, are dropped), or static at the
+    example's shapes."""
     from torch.export import Dim
 
     def split(tensors: Sequence[torch.Tensor]) -> tuple[tuple, dict]:
         args = tuple(t for s, t in zip(inputs, tensors) if s.name is None)
         return args, {s.name: t for s, t in zip(inputs, tensors) if s.name is not None}
 
-    batched = [t.expand(2, *t.shape[1:]).clone() if t.dim() and t.shape[0] == 1 else t for t in example]
-    dims = [{0: Dim.AUTO} if t.dim() else None for t in batched]
-    dynamic = _signature_dynamic(model, *split(dims))  # type: ignore[arg-type]
-    attempts = [(*split(batched), dynamic)] if dynamic is not None else []
-    attempts.append((*split(example), None))
-    error: Exception | None = None
-    for args, kwargs, shapes in attempts:
-        try:
-            with torch.no_grad(), _quiet():
-                ep = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
-        except Exception as e:  # the model's own code failing under export: reported below
-            error = e
-            continue
-        if shapes is None or _runs_at(ep, *split(example)):
-            return ep
-    assert error is not None
-    raise GPDError(f"torch.export cannot capture {type(model).__name__}{_where(error)}: {type(error).__name__}: "
-                   f"{first_line(error)}") from None
+    if dynamic:
+        batched = [t.expand(2, *t.shape[1:]).clone() if t.dim() and t.shape[0] == 1 else t for t in example]
+        shapes = _signature_dynamic(model, *split([{0: Dim.AUTO} if t.dim() else None for t in batched]))
+        if shapes is None:
+            raise TraceError("torch.export: the model's forward has no signature to give a dynamic batch to")
+        args, kwargs = split(batched)
+    else:
+        shapes, (args, kwargs) = None, split(example)
+    try:
+        with torch.no_grad(), _quiet():
+            return torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
+    except Exception as e:  # the model's own code failing under export
+        raise TraceError(f"torch.export cannot capture {type(model).__name__}{_where(e)}: {type(e).__name__}: "
+                         f"{first_line(e)}") from None
 
 
 class _quiet:
@@ -192,15 +228,6 @@ def _signature_dynamic(model: nn.Module, dyn_args: tuple, dyn_kwargs: dict) -> A
     for name, d in dyn_kwargs.items():
         out[name] = d
     return out if all(name in {p.name for p in params} for name in dyn_kwargs) or not dyn_kwargs else None
-
-
-def _runs_at(ep: Any, args: tuple, kwargs: dict) -> bool:
-    try:
-        with torch.no_grad():
-            ep.module()(*args, **kwargs)
-        return True
-    except Exception:
-        return False
 
 
 def _where(e: BaseException) -> str:
@@ -343,31 +370,108 @@ def _index(n: fx.Node, dim: int, item: Any) -> tuple:
     return (slice(None),) * dim + (item,)
 
 
-def _slice(n: fx.Node) -> tuple[Any, tuple]:
-    x, dim, start, end, step = (list(n.args) + [0, None, None, 1][len(n.args) - 1 :])[:5]
-    dim, start, end, step = (n.kwargs.get(k, v) for k, v in (("dim", dim), ("start", start), ("end", end),
-                                                             ("step", step)))
-    end = None if isinstance(end, int) and end >= 2**62 else end
-    return operator.getitem, (x, _index(n, dim, slice(start, end, None if step == 1 else step)))
+def _bound(n: fx.Node) -> dict[str, Any]:
+    """The ATen op's arguments by their schema's names, defaults filled in."""
+    schema = n.target._schema  # type: ignore[union-attr]
+    out = {a.name: a.default_value for a in schema.arguments if a.has_default_value()}
+    out.update({a.name: v for a, v in zip(schema.arguments, n.args)})
+    out.update(n.kwargs)
+    return out
 
 
-def _select(n: fx.Node) -> tuple[Any, tuple]:
-    x, dim, index = n.args[:3]
-    return operator.getitem, (x, _index(n, dim, index))
+Form = tuple[Any, tuple, dict[str, Any]]  # (torch function, or the name of a Tensor method), args, kwargs
 
 
-def _tensor_index(n: fx.Node) -> tuple[Any, tuple]:
+def _slice(n: fx.Node) -> Form:
+    a = _bound(n)
+    end = None if isinstance(a["end"], int) and a["end"] >= 2**62 else a["end"]
+    step = None if a["step"] == 1 else a["step"]
+    return operator.getitem, (a["self"], _index(n, a["dim"], slice(a["start"], end, step))), {}
+
+
+def _select(n: fx.Node) -> Form:
+    a = _bound(n)
+    return operator.getitem, (a["self"], _index(n, a["dim"], a["index"])), {}
+
+
+def _tensor_index(n: fx.Node) -> Form:
     x, indices = n.args[:2]
-    return operator.getitem, (x, tuple(slice(None) if i is None else i for i in indices))
+    return operator.getitem, (x, tuple(slice(None) if i is None else i for i in indices)), {}
 
 
-def _layer_norm(n: fx.Node) -> tuple[Any, tuple]:
-    return F.layer_norm, tuple(n.args[:5])  # without cudnn_enable
+def _layer_norm(n: fx.Node) -> Form:
+    a = _bound(n)  # without cudnn_enable
+    return F.layer_norm, tuple(a[k] for k in ("input", "normalized_shape", "weight", "bias", "eps")), {}
 
 
-SPECIAL: dict[str, Callable[[fx.Node], tuple[Any, tuple]]] = {
+def _group_norm(n: fx.Node) -> Form:
+    a = _bound(n)
+    return F.group_norm, (a["input"], a["num_groups"], a["weight"], a["bias"], a["eps"]), {}
+
+
+def _batch_norm(n: fx.Node) -> Form:  # F.batch_norm takes the statistics before the affine parameters
+    a = _bound(n)
+    return F.batch_norm, tuple(a[k] for k in ("input", "running_mean", "running_var", "weight", "bias", "training",
+                                              "momentum", "eps")), {}
+
+
+def _vector_norm(n: fx.Node) -> Form:
+    """torch.norm with a numeric ``p`` is ``torch.linalg.vector_norm`` (same positions: p, dim, keepdim)."""
+    a = _bound(n)
+    return torch.norm, (a["self"], a["ord"], a["dim"], a["keepdim"]), {} if a["dtype"] is None else {"dtype": a["dtype"]}
+
+
+def _split_with_sizes(n: fx.Node) -> Form:
+    a = _bound(n)
+    return "split", (a["self"], list(a["split_sizes"]), a["dim"]), {}
+
+
+def _meshgrid(n: fx.Node) -> Form:
+    a = _bound(n)
+    return torch.meshgrid, tuple(a["tensors"]), {"indexing": a.get("indexing", "ij")}
+
+
+# F.interpolate's modes by the ATen op it calls (``.vec``: by output size or by scale factors).
+_UPSAMPLE = {f"{pre}upsample_{kind}{d}d": mode for kind, mode, ds, pre in (
+    ("nearest", "nearest", (1, 2, 3), ""), ("nearest_exact", "nearest-exact", (1, 2, 3), "_"),
+    ("linear", "linear", (1,), ""), ("bilinear", "bilinear", (2,), ""), ("trilinear", "trilinear", (3,), ""),
+    ("bicubic", "bicubic", (2,), ""), ("bilinear", "bilinear", (2,), "_"), ("bicubic", "bicubic", (2,), "_"))
+    for d in ds}
+
+
+def _upsample(n: fx.Node) -> Form:
+    """F.interpolate calls ``aten.upsample_<mode>.vec(input, output_size, [align_corners,] scale_factors)``
+    with exactly one of the size and the scale factors (recompute_scale_factor=None passes them on)."""
+    a = _bound(n)
+    name = n.target._schema.name.split("::")[-1]  # type: ignore[union-attr]
+    kwargs = {"size": a["output_size"], "scale_factor": a["scale_factors"], "mode": _UPSAMPLE[name]}
+    if "align_corners" in a:
+        kwargs["align_corners"] = a["align_corners"]
+    if name.endswith("_aa"):  # _upsample_bilinear2d_aa: antialiased
+        kwargs["antialias"] = True
+    return F.interpolate, (a["input"],), kwargs
+
+
+def _to(n: fx.Node) -> Form | None:
+    """``x.to(dtype=, device=)`` for ``_to_copy`` (a copy) and ``to.dtype_layout``; None (the ATen op stays)
+    for a change of layout or pinned memory, which Tensor.to does not take."""
+    a = _bound(n)
+    if a.get("layout") not in (None, torch.strided) or a.get("pin_memory"):
+        return None
+    kwargs = {k: a[k] for k in ("dtype", "device", "memory_format") if a.get(k) is not None}
+    kwargs.update(non_blocking=a["non_blocking"], copy=a.get("copy", True))  # _to_copy: always a copy
+    return "to", (a["self"],), kwargs
+
+
+SPECIAL: dict[str, Callable[[fx.Node], Form | None]] = {
     "slice": _slice, "select": _select, "index": _tensor_index, "layer_norm": _layer_norm,
+    "group_norm": _group_norm, "batch_norm": _batch_norm, "linalg_vector_norm": _vector_norm,
+    "split_with_sizes": _split_with_sizes, "meshgrid": _meshgrid, "_to_copy": _to, "to": _to,
+    **{name: _upsample for name in _UPSAMPLE},
 }
+# Overloads a SPECIAL form is for (others take the generic way below): indexing by tensors, F.interpolate's
+# calls, the keyword-only ``to``.
+_OVERLOADS = {"index": "Tensor", "to": "dtype_layout", **{name: "vec" for name in _UPSAMPLE}}
 _FUNCTION_NAMESPACES = (torch, torch._C._nn, F)
 
 
@@ -379,10 +483,10 @@ def _torch_level(graph: fx.Graph, rules: Any) -> None:
             continue
         name = op._schema.name.split("::")[-1]
         overload = op._overloadname
-        if name in SPECIAL and (name != "index" or overload == "Tensor"):
-            n.target, n.args = SPECIAL[name](n)
-            if n.kwargs and name in ("slice", "select"):
-                n.kwargs = {}
+        form = SPECIAL[name](n) if name in SPECIAL and _OVERLOADS.get(name, overload) == overload else None
+        if form is not None:
+            target, n.args, n.kwargs = form
+            n.op, n.target = ("call_method", target) if isinstance(target, str) else ("call_function", target)
             continue
         if name.startswith("sym_size") and overload == "int":
             n.op, n.target = "call_method", "size"
@@ -419,6 +523,42 @@ def _same_schema(fn: Any, op: torch._ops.OpOverload) -> bool:
         if i >= len(params) or params[i] != a and not (a == "train" and params[i] == "training"):
             return False
     return True
+
+
+# -- the model's dtype and device ---------------------------------------------------------------------
+def _follow_model(graph: fx.Graph, model: nn.Module) -> None:
+    """Export records the dtype and device that the model's code reads (``pixel_values.to(self.weight.dtype)``,
+    ``torch.arange(n, device=x.device)``) as constants of the example's run. Where a constant is the model's
+    own (that of its first floating parameter, the capture's dtype), the graph reads it from that parameter
+    at run time, so that the student's graph and the teacher run in float64 and on CUDA as the model does.
+    Only casts follow the dtype: a tensor made in float32 (``torch.arange(n, dtype=torch.float32)`` of a
+    sine embedding) is often made so deliberately, and stays as the model makes it whatever its dtype."""
+    ref = next((k for k, p in model.named_parameters() if p.is_floating_point()), None)
+    if ref is None:
+        return
+    p = model.get_parameter(ref)
+    first = next(n for n in graph.nodes if n.op != "placeholder")
+    reads: dict[str, fx.Node] = {}
+
+    def read(attr: str) -> fx.Node:
+        if not reads:
+            with graph.inserting_before(first):
+                reads["param"] = graph.get_attr(ref)
+        if attr not in reads:
+            with graph.inserting_after(reads["param"]):
+                reads[attr] = graph.call_function(getattr, (reads["param"], attr))
+        return reads[attr]
+
+    def follow(v: Any, cast: bool) -> Any:
+        if isinstance(v, torch.device) and v == p.device:
+            return read("device")
+        return read("dtype") if cast and isinstance(v, torch.dtype) and v is p.dtype else v
+
+    for n in list(graph.nodes):
+        if n.op in ("call_function", "call_method") and n not in reads.values():
+            cast = n.op == "call_method" and n.target in ("to", "type")
+            n.args = tuple(follow(a, cast) for a in n.args)
+            n.kwargs = {k: follow(v, cast) for k, v in n.kwargs.items()}
 
 
 # -- the graph module ---------------------------------------------------------------------------------

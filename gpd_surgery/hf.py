@@ -110,7 +110,10 @@ def load(spec: str, model_args: dict[str, Any], trust_remote_code: bool = False,
             model = transformers.AutoModel.from_pretrained(path, config=cfg, trust_remote_code=True,
                                                            use_safetensors=True)
         else:
-            model = cls.from_pretrained(path, config=cfg, use_safetensors=True)
+            # A config field changed by --model-arg (num_labels=10) may resize a layer: that layer is new
+            # (drawn under the fixed seed), as transformers does for fine-tuning on other labels.
+            model = cls.from_pretrained(path, config=cfg, use_safetensors=True,
+                                        ignore_mismatched_sizes=bool(model_args))
     except Exception as e:
         raise GPDError(f"hf:{path}: cannot load the model: {type(e).__name__}: {first_line(e)}") from None
     return model.eval()

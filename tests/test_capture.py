@@ -13,6 +13,7 @@ from conftest import gpd, one_line_error, randomize
 from gpd_surgery import api
 from gpd_surgery.inputs import InputSpec, parse_input, parse_inputs
 from gpd_surgery.errors import GPDError
+from gpd_surgery.rules import DEFAULT
 from gpd_surgery.verification import verify
 
 transformers = pytest.importorskip("transformers")
@@ -89,6 +90,30 @@ def test_hf_plan_records_the_keyword_input_and_export(hf_dirs, tmp_path):
     src = read_plan(str(tmp_path / "t.safetensors"))[0].source
     assert src["capture"] == "export"
     assert src["inputs"] == [{"shape": [1, 3, 32, 32], "name": "pixel_values"}]
+
+
+def test_an_hf_teacher_runs_at_any_batch_size(hf_dirs):
+    """Exported with a dynamic batch: sizes are read from the input (a whole-dim slice, ``x[:, 0]`` as
+    export writes it, keeps no batch size either), so the teacher trains at any batch size."""
+    _, model = hf_dirs["vit"]
+    ex = api.expand(model, (1, 3, 32, 32), 2.0)
+    assert ex.student.capture == "export"
+    teacher = ex.teacher()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(teacher(x), model(x).logits, atol=1e-5)
+
+
+def test_a_graph_exported_at_fixed_shapes_refuses_others():
+    from gpd_surgery.capture import export_graph
+
+    model = _net()
+    captured = export_graph(model, (InputSpec((1, 3, 8, 8)),), [torch.randn(1, 3, 8, 8)], DEFAULT,
+                            dynamic=False)
+    with torch.no_grad():
+        assert torch.allclose(captured.gm(torch.ones(1, 3, 8, 8)), model(torch.ones(1, 3, 8, 8)))
+        with pytest.raises(ValueError, match="fixed shapes"):
+            captured.gm(torch.ones(2, 3, 8, 8))
 
 
 def test_hf_symbolic_tracing_failure_is_reported_as_a_trace_failure(hf_dirs):

@@ -58,7 +58,7 @@ class GPDModel(nn.Module):
         return model
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.teacher(x), self.view(x)
+        return logits(self.teacher(x)), logits(self.view(x))
 
     def file_tensors(self) -> dict[str, torch.Tensor]:
         """The teacher file's tensors now: teacher parameters and buffers, the student's current buffers."""
@@ -92,13 +92,23 @@ class PlainModel(nn.Module):
         self.student = student
 
     def forward(self, x: torch.Tensor) -> tuple[None, torch.Tensor]:
-        return None, self.student(x)
+        return None, logits(self.student(x))
 
     def file_tensors(self) -> dict[str, torch.Tensor]:
         return self.student_state_dict()
 
     def student_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().contiguous() for k, v in self.student.state_dict().items()}
+
+
+def logits(y: Any) -> Any:
+    """A classifier's logits from its output: the tensor itself, the first of a tuple (auxiliary heads), or a
+    Hugging Face output's ``logits``."""
+    if isinstance(y, Mapping):
+        return y["logits"] if "logits" in y else next(iter(y.values()), y)
+    if isinstance(y, (tuple, list)) and y:
+        return y[0]
+    return y
 
 
 def num_outputs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
@@ -113,8 +123,7 @@ def num_outputs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     except Exception as e:
         raise GPDError(f"the model rejects an input of shape {shape}: {type(e).__name__}: {first_line(e)} "
                        "(check --image-size)") from None
-    if isinstance(y, (tuple, list)):
-        y = y[0]
+    y = logits(y)
     if not isinstance(y, torch.Tensor) or y.dim() != 2:
         raise GPDError(f"the model's output is not a batch of logits (got {getattr(y, 'shape', type(y).__name__)})")
     return int(y.shape[-1])
