@@ -34,22 +34,21 @@ from torchvision.ops.misc import FrozenBatchNorm2d  # noqa: E402
 importlib.import_module("gpd_surgery.rules.torchvision")
 
 RATIOS = [2, 3, 1.5]
+CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 
 
 @pytest.fixture(autouse=True)
 def _collect_garbage(request):
-    """Replaces conftest's: the small students here run on one thread (thread hand-offs cost more than their
-    arithmetic) and leave little garbage; the whole models keep both threads and are collected after each."""
-    if request.node.get_closest_marker("slow"):
-        yield
-        gc.collect()
-        return
+    """Replaces conftest's: one thread (on a shared 2-core runner, two threads that wait for each other cost
+    more than they save: the whole models take 25 s on one, up to 3 minutes on two), and garbage collected
+    after the whole models only (the small students leave little)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
-CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+    if request.node.get_closest_marker("slow"):
+        gc.collect()
 
 
 def w(c: int, r: float) -> int:
@@ -429,10 +428,10 @@ WHOLE = {  # name: (factory, input shape)
     "r3d_18": (lambda: torchvision.models.get_model("r3d_18", weights=None), (1, 3, 4, 32, 32)),
     "s3d": (small_s3d, (1, 3, 8, 64, 64)),
     "mvit_v2_s": (small_mvit_v2_s, (1, 3, 4, 32, 32)),
-    "fcn_resnet50": (segmentation("fcn_resnet50"), (1, 3, 64, 64)),
-    "deeplabv3_mobilenet_v3_large": (segmentation("deeplabv3_mobilenet_v3_large"), (1, 3, 64, 64)),
-    "lraspp_mobilenet_v3_large": (segmentation("lraspp_mobilenet_v3_large"), (1, 3, 64, 64)),
-    "resnet_fpn_backbone": (fpn_backbone, (1, 3, 64, 64)),
+    "fcn_resnet50": (segmentation("fcn_resnet50"), (1, 3, 32, 32)),
+    "deeplabv3_mobilenet_v3_large": (segmentation("deeplabv3_mobilenet_v3_large"), (1, 3, 32, 32)),
+    "lraspp_mobilenet_v3_large": (segmentation("lraspp_mobilenet_v3_large"), (1, 3, 32, 32)),
+    "resnet_fpn_backbone": (fpn_backbone, (1, 3, 32, 32)),
 }
 
 
