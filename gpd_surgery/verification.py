@@ -264,15 +264,20 @@ def _activations(gm: fx.GraphModule) -> set[str]:
 class _Record(fx.Interpreter):
     """Runs the student graph, keeping the activations that the analysis describes, and every node's scale."""
 
-    def __init__(self, gm: fx.GraphModule, dims: dict[str, Any]) -> None:
+    def __init__(self, gm: fx.GraphModule, dims: dict[str, Any], changed: set[str] = frozenset()) -> None:
         super().__init__(gm)
         self.keep = {n for n in _activations(gm) if isinstance(dims.get(n), list)}
-        self.changed = {n.name for n in gm.graph.nodes if any(_in_place(u, gm) for u in n.users)}
+        self.changed = {n.name for n in gm.graph.nodes if any(_in_place(u, gm) for u in n.users)} | set(changed)
         self.values: dict[str, torch.Tensor] = {}
         self.scales: dict[str, float] = {}
+        self.mutated: set[str] = set()  # recorded values that a later node wrote into (their version moved)
 
     def run_node(self, n: fx.Node) -> Any:
+        held = [(a.name, self.values[a.name]) for a in n.all_input_nodes
+                if a.name in self.values and a.name not in self.changed]
+        versions = [t._version for _, t in held]
         out = super().run_node(n)
+        self.mutated.update(name for (name, t), v in zip(held, versions) if t._version != v)
         if n.name in self.keep and isinstance(out, torch.Tensor) and out.is_floating_point():
             self.values[n.name] = out.clone() if n.name in self.changed else out
             self.scales[n.name] = _scale(out)
@@ -353,6 +358,9 @@ def compare_inside(student: Student, maps: Maps, student_gm: fx.GraphModule, tea
         xs = placed_example(x, device, dtype)
         record = _Record(student_gm, student.analysis.dims)
         student_out = tensors_in(record.run(*xs))
+        if record.mutated:  # a function that writes into its input (mvit's _add_rel_pos): record copies again
+            record = _Record(student_gm, student.analysis.dims, record.mutated)
+            student_out = tensors_in(record.run(*xs))
         inside = _Inside(teacher, student, maps, record, tol)
         teacher_out = tensors_in(inside.run(*xs))
         record.values.clear()

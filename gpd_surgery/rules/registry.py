@@ -95,6 +95,14 @@ class Registry:
             _load_library_rules(base)
         return self._module_entry(cls) is not None
 
+    def load_library_rules(self, model: nn.Module) -> None:
+        """Import the rules of the libraries whose modules ``model`` holds, before it is traced: a module
+        class is kept whole only if its rule is known when the tracer meets it (torchvision's
+        FrozenBatchNorm2d would otherwise be traced through, its buffers folded into constants)."""
+        for cls in {type(m) for m in model.modules()}:
+            for base in cls.__mro__:
+                _load_library_rules(base)
+
     def autowrapped(self) -> set[Callable[..., Any]]:
         """The Python functions registered as leaves, for the tracer to record as one call each."""
         out: set[Callable[..., Any]] = set()
