@@ -144,6 +144,10 @@ def export_graph(model: nn.Module, inputs: Inputs, example: Sequence[torch.Tenso
     graph = _plain_graph(unlifted.graph)
     ordered = _placeholder_order(graph, model, inputs)
     _drop_guards(graph)
+    # Dead ops go while every node is an ATen op, whose schema says whether it writes: a module restored below
+    # is kept whole even unused (it may write in place), and a dead one (SigLIP's attention-pooling head, whose
+    # output the classifier ignores) would freeze the widths it reads.
+    graph.eliminate_dead_code(is_impure_node=_impure)
     _restore_modules(graph, model, rules)
     _torch_level(graph, rules)
     _follow_model(graph, model)
@@ -242,10 +246,12 @@ def _where(e: BaseException) -> str:
 
 def _plain_graph(graph: fx.Graph) -> fx.Graph:
     """A copy of ``graph`` with fx's default code generation: the inputs are the flat placeholders and the
-    output is the flat tuple of leaves (a single tensor when there is one), not the model's pytrees."""
+    output is the flat tuple of leaves (a single tensor when there is one), not the model's pytrees. The
+    placeholders come first (export puts its get_attr nodes before them), so nodes inserted after them can read
+    any input."""
     new = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
-    for n in graph.nodes:
+    for n in sorted(graph.nodes, key=lambda n: n.op != "placeholder"):  # stable: otherwise in order
         if n.op == "output":
             leaves = torch.utils._pytree.tree_leaves(n.args[0])
             outs = [env[x] if isinstance(x, fx.Node) else x for x in leaves]
@@ -383,10 +389,13 @@ Form = tuple[Any, tuple, dict[str, Any]]  # (torch function, or the name of a Te
 
 
 def _slice(n: fx.Node) -> Form:
+    """``x[start:end]`` along ``dim``; export's ``x[0:INT64_MAX]`` becomes ``x[:]``, which the rules keep whole
+    whatever the size (a slice ending at the example's batch would fix the teacher's batch)."""
     a = _bound(n)
+    start = None if a["start"] == 0 else a["start"]
     end = None if isinstance(a["end"], int) and a["end"] >= 2**62 else a["end"]
     step = None if a["step"] == 1 else a["step"]
-    return operator.getitem, (a["self"], _index(n, a["dim"], slice(a["start"], end, step))), {}
+    return operator.getitem, (a["self"], _index(n, a["dim"], slice(start, end, step))), {}
 
 
 def _select(n: fx.Node) -> Form:
@@ -529,36 +538,55 @@ def _same_schema(fn: Any, op: torch._ops.OpOverload) -> bool:
 def _follow_model(graph: fx.Graph, model: nn.Module) -> None:
     """Export records the dtype and device that the model's code reads (``pixel_values.to(self.weight.dtype)``,
     ``torch.arange(n, device=x.device)``) as constants of the example's run. Where a constant is the model's
-    own (that of its first floating parameter, the capture's dtype), the graph reads it from that parameter
-    at run time, so that the student's graph and the teacher run in float64 and on CUDA as the model does.
-    Only casts follow the dtype: a tensor made in float32 (``torch.arange(n, dtype=torch.float32)`` of a
-    sine embedding) is often made so deliberately, and stays as the model makes it whatever its dtype."""
-    ref = next((k for k, p in model.named_parameters() if p.is_floating_point()), None)
-    if ref is None:
+    own, the graph reads it at run time from a reference (``_reference``), so that the student's graph and
+    the teacher run in float64 and on CUDA as the model does. Only casts follow the dtype: a tensor made in
+    float32 (``torch.arange(n, dtype=torch.float32)`` of a sine embedding) is often made so deliberately, and
+    stays as the model makes it whatever its dtype."""
+    found = _reference(graph, model)
+    if found is None:
         return
-    p = model.get_parameter(ref)
+    target, value = found
     first = next(n for n in graph.nodes if n.op != "placeholder")
     reads: dict[str, fx.Node] = {}
 
     def read(attr: str) -> fx.Node:
         if not reads:
             with graph.inserting_before(first):
-                reads["param"] = graph.get_attr(ref)
+                reads["ref"] = target if isinstance(target, fx.Node) else graph.get_attr(target)
         if attr not in reads:
-            with graph.inserting_after(reads["param"]):
-                reads[attr] = graph.call_function(getattr, (reads["param"], attr))
+            with graph.inserting_before(first):
+                reads[attr] = graph.call_function(getattr, (reads["ref"], attr))
         return reads[attr]
 
     def follow(v: Any, cast: bool) -> Any:
-        if isinstance(v, torch.device) and v == p.device:
+        if isinstance(v, torch.device) and v == value.device:
             return read("device")
-        return read("dtype") if cast and isinstance(v, torch.dtype) and v is p.dtype else v
+        return read("dtype") if cast and isinstance(v, torch.dtype) and v is value.dtype else v
 
     for n in list(graph.nodes):
         if n.op in ("call_function", "call_method") and n not in reads.values():
             cast = n.op == "call_method" and n.target in ("to", "type")
             n.args = tuple(follow(a, cast) for a in n.args)
             n.kwargs = {k: follow(v, cast) for k, v in n.kwargs.items()}
+
+
+def _reference(graph: fx.Graph, model: nn.Module) -> tuple[str | fx.Node, torch.Tensor] | None:
+    """What holds the model's dtype and device at run time: a floating parameter that the graph reads itself
+    (a class token), or else the first floating input (gpd makes inputs in the model's dtype, on its device).
+    Not a parameter of a module the graph calls: a read of it before the call would make the teacher's
+    builder take the module's path for an attribute's owner."""
+    called = tuple(str(n.target) + "." for n in graph.nodes if n.op == "call_module")
+    for n in graph.nodes:
+        path = str(n.target)
+        if n.op == "get_attr" and not path.startswith(called) and _has_attr(model, path):
+            t = _attr(model, path)
+            if isinstance(t, nn.Parameter) and t.is_floating_point():
+                return path, t
+    for n in graph.nodes:
+        val = n.meta.get("val")
+        if n.op == "placeholder" and isinstance(val, torch.Tensor) and val.is_floating_point():
+            return n, val
+    return None
 
 
 # -- the graph module ---------------------------------------------------------------------------------
