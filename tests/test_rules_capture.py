@@ -504,9 +504,10 @@ def test_mvit_block_verifies_inside():
 
 def main() -> None:
     """The table of docs/models.md, "torchvision beyond classification": ``python tests/test_rules_capture.py``
-    (randomized weights and BatchNorm statistics, one random input, ratio 2)."""
+    (randomized weights and BatchNorm statistics, one random input, ratio 2, one thread)."""
     import time
 
+    torch.set_num_threads(1)
     print("| model | input shape | x (params, ratio 2) | frozen | float64 rel | float32 rel | s |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for name, (factory, shape) in WHOLE.items():
