@@ -64,8 +64,8 @@ def _weight_modes(transposed: bool, n_groups: int) -> list[str | None]:
 
 def _channels_out(ctx: Ctx, xd: list[Layout], c: int, out: Layout) -> Dims:
     """A convolution's output: the leading dims of its input, its output channels, new spatial dims. The
-    input's spatial dims keep their size (a kernel over copies of a channel would see other neighbours and
-    give another output size): a channel space there is frozen, and reported (ECA's conv across channels)."""
+    input's spatial dims keep their size (a kernel over copies of a channel would see other neighbours, and
+    a widened factor there would change the output's size): a channel space met there is frozen."""
     for lay in xd[c + 1 :]:
         ctx.freeze(lay, f"a convolution runs along this dimension at {ctx.where}")
     return list(xd[:c]) + [out] + spatial(ctx, ctx.shape(ctx.node)[c + 1 :])
