@@ -192,6 +192,7 @@ def describe(node: fx.Node, gm: fx.GraphModule) -> str:
 
 
 def analyse(gm: fx.GraphModule, rules: RuleSource) -> Analysis:
+    from .fallback import at_student_width  # an op without a rule runs at the student's width
     """Relate every dimension of ``gm`` (already shape-propagated) through the registry ``rules``."""
     ctx = Ctx(gm, rules)
     for node in gm.graph.nodes:
@@ -208,7 +209,7 @@ def analyse(gm: fx.GraphModule, rules: RuleSource) -> Analysis:
             out = rule(ctx) if rule is not None else None
         else:
             rule = rules.lookup(node, gm)
-            out = rule(ctx) if rule is not None else ctx.unsupported(describe(node, gm))
+            out = rule(ctx) if rule is not None else at_student_width(ctx, describe(node, gm))
         ctx.result.dims[node.name] = out
     ctx.node = None
     ctx.spaces.finalize()

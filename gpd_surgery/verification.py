@@ -14,6 +14,7 @@ from torch import nn
 
 from .analyse import describe
 from .errors import GPDError
+from .fallback import STUDENT_NAME
 from .expansion import Student, build_teacher, check_teacher_memory, make_plan, prepare
 from .inputs import Inputs, call, make
 from .inputs import describe as describe_inputs
@@ -304,29 +305,31 @@ class _Inside(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
-        vs = self.record.values.pop(n.name, None)
+        # An op run at the student's width (fallback.py) holds the student's value in the node copying it out.
+        name = n.meta.get(STUDENT_NAME, n.name)
+        vs = self.record.values.pop(name, None) if name is not None else None
         if vs is not None:
-            self._check(n, vs, out)
+            self._check(n, vs, out, name)
         return out
 
-    def _check(self, n: fx.Node, vs: torch.Tensor, vt: Any) -> None:
+    def _check(self, n: fx.Node, vs: torch.Tensor, vt: Any, name: str) -> None:
         expected = vs
-        for d, lay in enumerate(self.student.analysis.dims[n.name]):
+        for d, lay in enumerate(self.student.analysis.dims[name]):
             src = self.maps.src(lay, vs.device)
             if src is not None:
                 expected = expected.index_select(d, src)
-        where = {"node": n.name, "op": describe(_student_node(self.student, n.name), self.student.gm)}
+        where = {"node": name, "op": describe(_student_node(self.student, name), self.student.gm)}
         self.nodes += 1
         if not isinstance(vt, torch.Tensor) or vt.shape != expected.shape:
             self._fail(where, math.nan, {"error": "shape", "detail": f"teacher {tuple(getattr(vt, 'shape', ()))}, "
                                                                      f"expected {tuple(expected.shape)}"})
             return
-        inputs = [self.record.scales.get(a.name, 0.0) for a in _student_node(self.student, n.name).all_input_nodes]
-        scale = max([self.record.scales[n.name], *inputs])
+        inputs = [self.record.scales.get(a.name, 0.0) for a in _student_node(self.student, name).all_input_nodes]
+        scale = max([self.record.scales[name], *inputs])
         err = difference(expected, vt.to(expected.dtype))
         rel = err / scale if scale > 0 else err
         if not math.isnan(self.max_rel) and (math.isnan(rel) or rel > self.max_rel):
-            self.max_rel, self.max_abs, self.worst = rel, err, n.name
+            self.max_rel, self.max_abs, self.worst = rel, err, name
         if not rel <= self.tol:
             self._fail(where, rel, {"error": "value" if math.isfinite(err) else "nonfinite", "max_rel": rel})
 

@@ -546,25 +546,41 @@ def test_equal_shares_power_of_two_copies_are_exact(ratio):
     assert tshape(res, "2.weight") == (4, 8 * ratio, 1, 1)
 
 
-# -- what the rules do not know is frozen, not guessed --------------------------------------------
+# -- what the rules do not know runs at the student's width, or is frozen: never guessed -------------
 class Cumprod(nn.Module):
-    def __init__(self):
+    def __init__(self, in_place: bool = False):
         super().__init__()
         self.conv0, self.conv1 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 16, 3, padding=1)
         self.conv2 = nn.Conv2d(16, 4, 1)
+        self.in_place = in_place
 
     def forward(self, x):
-        x = torch.cumprod(torch.tanh(self.conv0(x)), dim=1)  # not in the registry, along channels
+        x = torch.tanh(self.conv0(x))
+        if self.in_place:
+            x = x.cumprod_(dim=1)  # writes into its input: a gathered copy would take the write
+        else:
+            x = torch.cumprod(x, dim=1)  # not in the registry, along channels
         return self.conv2(F.relu(self.conv1(x)))
 
 
 @pytest.mark.parametrize("ratio", [2, 3])
-def test_unsupported_op_is_frozen_and_exact(ratio):
+def test_unsupported_op_runs_at_the_students_width_and_exact(ratio):
     res = check(Cumprod(), (2, 3, 5, 5), ratio, unsupported=True)
     s = res.summary()
-    assert any("cumprod" in op for op in s["unsupported_ops"]), s["unsupported_ops"]
+    assert any("cumprod (run at the student's width)" in op for op in s["unsupported_ops"]), s["unsupported_ops"]
+    assert s["frozen"] == []
+    assert tshape(res, "conv0.weight") == (8 * ratio, 3, 3, 3)  # feeds cumprod: widened, its copies gathered
+    assert tshape(res, "conv1.weight") == (16 * ratio, 8, 3, 3)  # cumprod's output is the student's width
+    assert tshape(res, "conv2.weight") == (4, 16 * ratio, 1, 1)
+
+
+@pytest.mark.parametrize("ratio", [2, 3])
+def test_unsupported_op_writing_in_place_is_frozen_and_exact(ratio):
+    res = check(Cumprod(in_place=True), (2, 3, 5, 5), ratio, unsupported=True)
+    s = res.summary()
+    assert any("cumprod_" in op for op in s["unsupported_ops"]), s["unsupported_ops"]
     assert s["spaces_frozen"] >= 1 and any("unsupported" in f["reason"] for f in s["frozen"])
-    assert tshape(res, "conv0.weight") == (8, 3, 3, 3)  # feeds cumprod: kept
+    assert tshape(res, "conv0.weight") == (8, 3, 3, 3)  # feeds cumprod_: kept
     assert tshape(res, "conv1.weight") == (16 * ratio, 8, 3, 3)  # past it: still widened
     assert tshape(res, "conv2.weight") == (4, 16 * ratio, 1, 1)
 

@@ -523,16 +523,17 @@ def test_plan_says_what_froze_and_why(tmp_path, monkeypatch):
         from torch import nn
 
         @torch.fx.wrap
-        def shuffle(x):  # a function fx keeps as one call, that no rule can know
-            return x.flip(1)
+        def shuffle(x, w):  # a function fx keeps as one call, that no rule can know
+            return x.flip(1) * w
 
         class Shuffled(nn.Module):
             def __init__(self):
                 super().__init__()
                 self.a, self.b, self.c = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 4, 1)
+                self.w = nn.Parameter(torch.ones(1))  # read by the op: it cannot run at the student's width
 
             def forward(self, x):
-                return self.c(torch.relu(self.b(shuffle(self.a(x)))))
+                return self.c(torch.relu(self.b(shuffle(self.a(x), self.w))))
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
     r = gpd("plan", f"{name}:Shuffled", "--input-shape", "1,3,8,8", "--json")

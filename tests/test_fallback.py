@@ -1,0 +1,101 @@
+"""Ops without a rule run at the student's width inside the teacher (fallback.py): only the op is frozen,
+the channel spaces around it widen, and the teacher stays exact."""
+import pytest
+import torch
+from torch import nn
+
+from conftest import randomize
+
+from gpd_surgery import api
+from gpd_surgery.verification import verify
+
+
+def mix(x):
+    """Mixes channels in a way no rule knows (recorded as one call by fx)."""
+    return torch.cumprod(torch.tanh(x.flip(1)), dim=1) + x.mean(1, keepdim=True)
+
+
+torch.fx.wrap("mix")
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 6, 1), nn.Linear(6, 4)
+
+    def forward(self, x):
+        y = self.a(x)
+        y = y + mix(self.b(y))
+        return self.head(y.mean((2, 3)))
+
+
+class Concat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(12, 5, 1), nn.Linear(5, 4)
+
+    def forward(self, x):
+        y = self.a(x)
+        return self.head(self.b(torch.cat([y, mix(y)], 1)).mean((2, 3)))
+
+
+class UnknownModule(nn.Module):
+    """nn.LocalResponseNorm normalizes across neighbouring channels: no rule widens it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.lrn, self.b = nn.Conv2d(3, 6, 3, padding=1), nn.LocalResponseNorm(3), nn.Conv2d(6, 6, 1)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):
+        y = self.a(x)
+        y = self.b(self.lrn(y)) + y
+        return self.head(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize("net", [Residual, Concat, UnknownModule])
+@pytest.mark.parametrize("ratio", [2.0, 3.0, 1.5])
+def test_an_op_without_a_rule_runs_at_the_students_width(net, ratio):
+    torch.manual_seed(0)
+    model = randomize(net()).double()
+    ex = api.expand(model, (2, 3, 6, 6), ratio, branches="default")
+    summary = api.summarize(ex.plan, ex.tensors)
+    assert any("run at the student's width" in u for u in summary["unsupported_ops"])
+    assert summary["frozen"] == [], summary["frozen"]  # nothing frozen: the spaces around the op widen
+    assert summary["param_ratio"] > (1.5 if ratio >= 2 else 1.2)
+    rep = verify(model, ex.plan, ex.tensors, device="cpu")
+    assert rep.passed, rep.to_dict()
+    assert all(c.max_rel <= 1e-10 for c in rep.checks + rep.inside if c.dtype == "float64")
+
+
+def test_a_wrong_fallback_is_caught_inside():
+    """The check inside compares the copied-out value with the student's: a teacher whose op read the wrong
+    copies fails there, naming the node."""
+    from gpd_surgery import fallback
+
+    torch.manual_seed(0)
+    model = randomize(Residual()).double()
+    ex = api.expand(model, (1, 3, 6, 6), 2.0)
+    real = fallback.canonical
+    try:
+        fallback.canonical = lambda src, size: real(src, size).flip(0)  # the copies in reverse order
+        rep = verify(model, ex.plan, ex.tensors, device="cpu")
+    finally:
+        fallback.canonical = real
+    assert not rep.passed and rep.divergence is not None
+
+
+def test_an_op_writing_in_place_is_still_frozen():
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.head = nn.Conv2d(3, 6, 1), nn.Linear(6, 2)
+
+        def forward(self, x):
+            y = self.a(x)
+            y.atan_()
+            return self.head(y.mean((2, 3)))
+
+    ex = api.expand(randomize(InPlace()), (1, 3, 4, 4), 2.0)
+    summary = api.summarize(ex.plan, ex.tensors)
+    assert summary["frozen"] and "atan_" in " ".join(summary["unsupported_ops"])
