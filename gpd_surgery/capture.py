@@ -73,6 +73,8 @@ def capture(model: nn.Module, inputs: Inputs, how: str, rules: Any, force: bool 
     where = f"a forward at input shape {describe(inputs)}"
     hint = "use a smaller --input-shape or --input"
     failed: TraceError | None = None
+    if hasattr(rules, "load_library_rules"):
+        rules.load_library_rules(model)
     if how in ("auto", "fx"):
         try:
             gm = trace(model, rules, inputs)
