@@ -31,7 +31,9 @@ def at_student_width(ctx: Any, what: str) -> Any:
     node: fx.Node = ctx.node
     spec = ctx.spec(node)
     args = ctx.tensor_args()
-    if not isinstance(spec, TensorSpec) or not args or _writes_in_place(ctx, node):
+    # A module called with no tensor (xcit's positional encoding, from sizes and its own weights) computes
+    # the student's value from the student's parameters: copied out, it is an activation like any other.
+    if not isinstance(spec, TensorSpec) or not args and node.op != "call_module" or _writes_in_place(ctx, node):
         return ctx.unsupported(what)
     live = _activations(ctx)
     if any(a.name not in live for a in args):

@@ -7,6 +7,9 @@ from torch import nn
 from conftest import randomize
 
 from gpd_surgery import api
+
+timm_layers = pytest.importorskip("timm.layers")
+register_notrace_module = timm_layers.register_notrace_module
 from gpd_surgery.verification import verify
 
 
@@ -53,7 +56,32 @@ class UnknownModule(nn.Module):
         return self.head(y.mean((2, 3)))
 
 
-@pytest.mark.parametrize("net", [Residual, Concat, UnknownModule])
+@register_notrace_module  # a leaf of the trace that no rule knows, as timm makes PositionalEncodingFourier
+class Encoding(nn.Module):
+    """A module called with sizes only (timm's PositionalEncodingFourier): its output joins the stream."""
+
+    def __init__(self, dim: int = 6):
+        super().__init__()
+        self.proj = nn.Conv2d(4, dim, 1)
+
+    def forward(self, h: int, w: int):
+        y = torch.linspace(0, 1, h).view(1, 1, h, 1) * torch.linspace(1, 2, w).view(1, 1, 1, w)
+        return self.proj(torch.cat([y, y.cos(), y.sin(), y * y], 1).to(self.proj.weight.dtype))
+
+
+class WithEncoding(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.pos, self.b, self.head = nn.Conv2d(3, 6, 3, padding=1), Encoding(), nn.Conv2d(6, 6, 1), \
+            nn.Linear(6, 4)
+
+    def forward(self, x):
+        y = self.a(x)
+        y = self.b(y + self.pos(y.shape[2], y.shape[3]))
+        return self.head(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize("net", [Residual, Concat, UnknownModule, WithEncoding])
 @pytest.mark.parametrize("ratio", [2.0, 3.0, 1.5])
 def test_an_op_without_a_rule_runs_at_the_students_width(net, ratio):
     torch.manual_seed(0)
