@@ -9,11 +9,13 @@ touches: a residual stream or a concatenation through it still widens.
 The op's output gets new spaces that nothing marks as widening: they widen only where what follows
 them does (an addition to a widened stream), and stay the student's otherwise. The fallback is not
 possible, and the op's spaces are frozen as before, where the op writes into its input (a gathered
-copy would take the write), returns several tensors, or reads a tensor that is not an activation (a
-parameter used by the op holds *shares* of the student's where it widens, not copies).
+copy would take the write) or reads a tensor that is not an activation (a parameter used by the op
+holds *shares* of the student's where it widens, not copies). Of an op returning several tensors (an
+LSTM), each tensor taken from its result is copied out; nested ones keep their size.
 """
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
@@ -33,7 +35,10 @@ def at_student_width(ctx: Any, what: str) -> Any:
     args = ctx.tensor_args()
     # A module called with no tensor (xcit's positional encoding, from sizes and its own weights) computes
     # the student's value from the student's parameters: copied out, it is an activation like any other.
-    if not isinstance(spec, TensorSpec) or not args and node.op != "call_module" or _writes_in_place(ctx, node):
+    several = isinstance(spec, (tuple, list)) and any(isinstance(e, TensorSpec) for e in spec) and all(
+        u.op == "call_function" and u.target is operator.getitem and isinstance(u.args[1], int) for u in node.users)
+    if not (isinstance(spec, TensorSpec) or several) or not args and node.op != "call_module" \
+            or _writes_in_place(ctx, node):
         return ctx.unsupported(what)
     live = _activations(ctx)
     if any(a.name not in live for a in args):
@@ -43,11 +48,23 @@ def at_student_width(ctx: Any, what: str) -> Any:
         for name, _ in [*ctx.module(node).named_parameters(), *ctx.module(node).named_buffers()]:
             ctx.param(f"{node.target}.{name}", [])
     inputs = [list(ctx.dims(a)) if ctx.is_tensor(a) else None for a in node.all_input_nodes]
-    out = ctx.fresh(spec.shape)
+    if isinstance(spec, TensorSpec):
+        out: Any = ctx.fresh(spec.shape)
+    else:  # an LSTM's (output, (h, c)): each tensor item is copied out where it is taken; nested ones keep
+        # their size (nothing copies them out)
+        out = tuple(ctx.fresh(e.shape) if isinstance(e, TensorSpec)
+                    else ctx.fresh_like(e, frozen=f"a nested output of {what}, run at the student's width")
+                    for e in spec)
 
     def build(n: fx.Node, size: Any) -> None:
         _gather_inputs(n, inputs, size)
-        _copy_out(n, out, size)
+        if isinstance(out, list):
+            _copy_out(n, out, size)
+            return
+        for u in list(n.users):
+            item = out[u.args[1]]
+            if isinstance(item, list):
+                _copy_out(u, item, size)
 
     ctx.on_build_node(build)
     return out

@@ -51,7 +51,11 @@ class StudentView(nn.Module):
         return collapse(self.plan, tensors, buffers=False, keys=self._param_keys)
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.student, self.student_parameters(), args)
+        params = self.student_parameters()
+        for name, m in self.student.named_modules():
+            if isinstance(m, nn.RNNBase):  # an RNN runs on its cached list of weights, not its attributes
+                m._flat_weights = [params.get(f"{name}.{w}", getattr(m, w, None)) for w in m._flat_weights_names]
+        return functional_call(self.student, params, args)
 
     def student_state_dict(self) -> dict[str, torch.Tensor]:
         """Collapsed parameters and the student's own buffers, detached: what `gpd extract` writes."""

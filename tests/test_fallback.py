@@ -81,7 +81,21 @@ class WithEncoding(nn.Module):
         return self.head(y.mean((2, 3)))
 
 
-@pytest.mark.parametrize("net", [Residual, Concat, UnknownModule, WithEncoding])
+class Recurrent(nn.Module):
+    """An LSTM over the tokens of a feature map (sequencer2d): it returns (output, (h, c))."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.rnn, self.b, self.head = nn.Conv2d(3, 6, 3, padding=1), nn.LSTM(6, 6, batch_first=True), \
+            nn.Linear(6, 6), nn.Linear(6, 4)
+
+    def forward(self, x):
+        t = self.a(x).flatten(2).transpose(1, 2)
+        y, _ = self.rnn(t)
+        return self.head(self.b(y + t).mean(1))
+
+
+@pytest.mark.parametrize("net", [Residual, Concat, UnknownModule, WithEncoding, Recurrent])
 @pytest.mark.parametrize("ratio", [2.0, 3.0, 1.5])
 def test_an_op_without_a_rule_runs_at_the_students_width(net, ratio):
     torch.manual_seed(0)
@@ -111,6 +125,14 @@ def test_a_wrong_fallback_is_caught_inside():
     finally:
         fallback.canonical = real
     assert not rep.passed and rep.divergence is not None
+
+
+def test_an_lstm_keeps_its_size_and_the_stream_widens():
+    torch.manual_seed(0)
+    model = randomize(Recurrent()).double()
+    ex = api.expand(model, (1, 3, 4, 4), 2.0)
+    assert ex.tensors["rnn.weight_ih_l0"].shape == (24, 6)  # the LSTM's own weights: the student's
+    assert ex.tensors["a.weight"].shape[0] == 12 and ex.tensors["b.weight"].shape == (12, 12)
 
 
 def test_an_op_writing_in_place_is_still_frozen():
