@@ -1,4 +1,5 @@
-"""Property: for any small CNN of supported blocks, the teacher is exact, collapse inverts expand, nothing freezes."""
+"""Property: for any small CNN of supported blocks and ops no rule knows (run at the student's width), the teacher
+is exact, collapse inverts expand, nothing freezes."""
 from __future__ import annotations
 
 import copy
@@ -87,6 +88,19 @@ class ChannelStats(nn.Module):
         return x * torch.sigmoid(g)
 
 
+def unknown_mix(x):
+    """Mixes channels in a way no rule knows (fx records it as one call): it runs at the student's width."""
+    return torch.cumprod(torch.tanh(x.flip(1)), 1) + x
+
+
+torch.fx.wrap("unknown_mix")
+
+
+class Unknown(nn.Module):
+    def forward(self, x):
+        return unknown_mix(x)
+
+
 class Mean(nn.Module):
     def forward(self, x):
         return x.mean((2, 3))
@@ -120,6 +134,8 @@ def build(blocks: list[tuple], head: str, c: int = 3) -> nn.Module:
             layers.append(ChannelStats())
         elif kind == "shuffle":
             layers.append(Shuffle(a[0]))
+        elif kind == "unknown":
+            layers.append(Unknown())
     if head == "conv":
         layers.append(nn.Conv2d(c, 4, 1))
     elif head == "mean":
@@ -135,7 +151,7 @@ def _common_divisors(a: int, b: int) -> list[int]:
     return [d for d in range(1, math.gcd(a, b) + 1) if a % d == 0 and b % d == 0]
 
 
-KINDS = ["conv", "bn", "gn", "act", "pool", "res", "cat", "se", "split", "slice", "shuffle", "stats"]
+KINDS = ["conv", "bn", "gn", "act", "pool", "res", "cat", "se", "split", "slice", "shuffle", "stats", "unknown"]
 
 
 def _cut(pieces: list[int], k: int) -> list[int] | None:
@@ -202,6 +218,9 @@ def nets(draw):
                 blocks.append((kind, k, swap))
                 rest = _cut(pieces, k)
                 pieces, struct = (rest + [k] if swap else [k] + rest), "cat"
+        elif kind == "unknown":  # its output is a new space: whatever structure came before, it is gone
+            blocks.append(("unknown",))
+            struct, pieces = None, [c]
         elif kind == "shuffle" and struct is None and any(c % g == 0 for g in range(2, c)):
             blocks.append(("shuffle", draw(st.sampled_from([g for g in range(2, c) if c % g == 0]))))
             struct = "prod"
@@ -232,7 +251,8 @@ def test_teacher_is_exact_and_collapses_back(net, ratio, seed, equal):
         assert (back[k].double() - v.double()).abs().max().item() <= 1e-6, k
 
     s = res.summary()
-    assert s["unsupported_ops"] == []
+    unknown = any(b[0] == "unknown" for b in blocks)
+    assert s["unsupported_ops"] == (["test_property.unknown_mix (run at the student's width)"] if unknown else [])
     assert s["spaces_frozen"] == 0, s["frozen"]
     assert s["teacher_params"] > s["student_params"]
     first = res.tensors["0.weight"].shape
