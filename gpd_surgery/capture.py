@@ -437,6 +437,11 @@ def _split_with_sizes(n: fx.Node) -> Form:
     return "split", (a["self"], list(a["split_sizes"]), a["dim"]), {}
 
 
+def _einsum(n: fx.Node) -> Form:  # without the contraction path, a hint of torch.einsum's optimiser
+    a = _bound(n)
+    return torch.einsum, (a["equation"], *a["tensors"]), {}
+
+
 def _meshgrid(n: fx.Node) -> Form:
     a = _bound(n)
     return torch.meshgrid, tuple(a["tensors"]), {"indexing": a.get("indexing", "ij")}
@@ -477,7 +482,7 @@ def _to(n: fx.Node) -> Form | None:
 SPECIAL: dict[str, Callable[[fx.Node], Form | None]] = {
     "slice": _slice, "select": _select, "index": _tensor_index, "layer_norm": _layer_norm,
     "group_norm": _group_norm, "batch_norm": _batch_norm, "linalg_vector_norm": _vector_norm,
-    "split_with_sizes": _split_with_sizes, "meshgrid": _meshgrid, "_to_copy": _to, "to": _to,
+    "split_with_sizes": _split_with_sizes, "meshgrid": _meshgrid, "einsum": _einsum, "_to_copy": _to, "to": _to,
     **{name: _upsample for name in _UPSAMPLE},
 }
 # Overloads a SPECIAL form is for (others take the generic way below): indexing by tensors, F.interpolate's
