@@ -141,7 +141,8 @@ def export_graph(model: nn.Module, inputs: Inputs, example: Sequence[torch.Tenso
                  dynamic: bool = True) -> Captured:
     """``model`` captured by torch.export and brought to the torch level (see the module's docstring), with a
     dynamic batch dimension (``dynamic``) or at the example's shapes, then guarded against any other."""
-    ep = _export(model, inputs, example, dynamic)
+    with _ModuleCalls(model, rules) as calls:
+        ep = _export(model, inputs, example, dynamic)
     unlifted = ep.module()
     graph = _plain_graph(unlifted.graph)
     ordered = _placeholder_order(graph, model, inputs)
@@ -150,7 +151,7 @@ def export_graph(model: nn.Module, inputs: Inputs, example: Sequence[torch.Tenso
     # is kept whole even unused (it may write in place), and a dead one (SigLIP's attention-pooling head, whose
     # output the classifier ignores) would freeze the widths it reads.
     graph.eliminate_dead_code(is_impure_node=_impure)
-    _restore_modules(graph, model, rules)
+    _restore_modules(graph, model, rules, calls.seen)
     _torch_level(graph, rules)
     _follow_model(graph, model)
     graph.eliminate_dead_code(is_impure_node=_impure)
@@ -308,8 +309,60 @@ def _impure(n: fx.Node) -> bool:
 
 
 # -- modules back ------------------------------------------------------------------------------------
-def _module_of(model: nn.Module, n: fx.Node, rules: Any) -> tuple[str, str] | None:
-    """(stack key, module path) of the outermost module in ``n``'s stack that a rule knows."""
+@dataclass(frozen=True)
+class _Ref:
+    """A tensor that a module call took or gave: the name of its node in the exported graph."""
+
+    name: str
+
+
+_UNREAD = object()  # a tensor of a module call whose node the tracer did not say
+Call = tuple[tuple, dict, Any]  # a module call's arguments, keyword arguments and result, tensors as _Ref
+
+
+class _ModuleCalls:
+    """What modules that take several tensors (``nn.MultiheadAttention(q, k, v)``) and that a rule knows are
+    called with while export traces them: each tensor as its node (the tracer's proxy of it), the other
+    arguments as they are. The graph alone says which tensors reach a module, not in which parameter."""
+
+    def __init__(self, model: nn.Module, rules: Any) -> None:
+        self.modules = [(path, m) for path, m in model.named_modules()
+                        if path and rules.knows_module(m) and not _one_input(m)]
+        self.seen: dict[str, list[Call]] = {}
+
+    def __enter__(self) -> _ModuleCalls:
+        self.handles = [m.register_forward_hook(self._hook(path), with_kwargs=True) for path, m in self.modules]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def _hook(self, path: str) -> Callable[..., None]:
+        def record(m: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+            from torch.fx.experimental.proxy_tensor import get_proxy_mode, get_proxy_slot
+
+            mode = get_proxy_mode()
+            if mode is None:  # an eager call (export's own checks): nothing to read
+                return
+
+            def ref(v: Any) -> Any:
+                if isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+                    return _UNREAD  # a size passed in: the rebuilt call would need its node too
+                if not isinstance(v, torch.Tensor):
+                    return v
+                try:
+                    return _Ref(get_proxy_slot(v, mode.tracer).proxy.node.name)
+                except Exception:  # a tensor the tracer does not know: the call stays as its ops
+                    return _UNREAD
+
+            self.seen.setdefault(path, []).append(torch.utils._pytree.tree_map(ref, (args, kwargs, out)))
+        return record
+
+
+def _module_of(model: nn.Module, n: fx.Node, rules: Any, calls: dict[str, list[Call]]) -> tuple[str, str] | None:
+    """(stack key, module path) of the outermost module in ``n``'s stack that a rule knows and whose call can
+    be rebuilt: one tensor in, or a call seen by ``_ModuleCalls``."""
     for key, (path, _) in (n.meta.get("nn_module_stack") or {}).items():
         if not path:
             continue
@@ -317,7 +370,7 @@ def _module_of(model: nn.Module, n: fx.Node, rules: Any) -> tuple[str, str] | No
             m = model.get_submodule(path)
         except AttributeError:
             continue
-        if rules.knows_module(m) and _one_input(m):
+        if rules.knows_module(m) and (_one_input(m) or path in calls):
             return key, path
     return None
 
@@ -332,17 +385,51 @@ def _one_input(m: nn.Module) -> bool:
     return len(required) == 1
 
 
-def _restore_modules(graph: fx.Graph, model: nn.Module, rules: Any) -> None:
+def _call_of(path: str, external: list[fx.Node], outputs: list[fx.Node], calls: dict[str, list[Call]],
+             node: Callable[[str], fx.Node | None]) -> tuple[tuple, dict, list[int | None]] | None:
+    """The arguments (``node`` gives the node a tensor's name now stands for) of the call of ``path`` that takes
+    exactly the tensors among ``external``, and where in its result each of ``outputs`` is (None: the result
+    itself); None where no seen call fits. A size read from outside (export computes ``x.size(0)`` once for
+    the whole graph) is the module's own when no size is passed to it."""
+    if path not in calls:  # one tensor in, one out
+        ok = len(external) == 1 and len(outputs) == 1 and isinstance(outputs[0].meta.get("val"), torch.Tensor)
+        return ((external[0],), {}, [None]) if ok else None
+    tensors = {x for x in external if isinstance(x.meta.get("val"), torch.Tensor)}
+    for args, kwargs, out in calls[path]:
+        if any(v is _UNREAD for v in torch.utils._pytree.tree_leaves((args, kwargs, out))):
+            continue
+        if {node(v.name) for v in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(v, _Ref)} != tensors:
+            continue
+        results = list(out) if isinstance(out, (tuple, list)) else [out]
+        where = [next((i for i, r in enumerate(results) if r == _Ref(o.name)), -1) for o in outputs]
+        if -1 in where:
+            continue
+        to_node = lambda v: node(v.name) if isinstance(v, _Ref) else v  # noqa: E731
+        args, kwargs = torch.utils._pytree.tree_map(to_node, (args, kwargs))
+        return args, kwargs, [i if isinstance(out, (tuple, list)) else None for i in where]
+    return None
+
+
+def _restore_modules(graph: fx.Graph, model: nn.Module, rules: Any, calls: dict[str, list[Call]]) -> None:
     groups: dict[str, list[fx.Node]] = {}
     paths: dict[str, str] = {}
     for n in graph.nodes:
         if n.op != "call_function":
             continue
-        found = _module_of(model, n, rules)
+        found = _module_of(model, n, rules, calls)
         if found is not None:
             groups.setdefault(found[0], []).append(n)
             paths[found[0]] = found[1]
     order = {n: i for i, n in enumerate(graph.nodes)}
+    named = {n.name: n for n in graph.nodes}  # the exported nodes, which the seen calls name
+    moved: dict[fx.Node, fx.Node] = {}  # a restored module's output -> the node that now gives it
+
+    def node(name: str) -> fx.Node | None:
+        n = named.get(name)
+        while n in moved:
+            n = moved[n]
+        return n
+
     for key, nodes in groups.items():
         path = paths[key]
         inside = set(nodes)
@@ -354,17 +441,19 @@ def _restore_modules(graph: fx.Graph, model: nn.Module, rules: Any) -> None:
                     continue
                 if a not in external:
                     external.append(a)
-        outputs = [n for n in nodes if any(u not in inside for u in n.users)]
-        if len(external) != 1 or len(outputs) != 1:
-            continue  # a module called with several tensors, or read from outside: its ops stay as they are
-        (x,), (out,) = external, outputs
-        if order[x] > order[out] or not isinstance(out.meta.get("val"), torch.Tensor):
-            continue
-        with graph.inserting_before(out):
-            call = graph.call_module(path, (x,))
-        call.meta = dict(out.meta)
-        order[call] = order[out]
-        out.replace_all_uses_with(call)
+        outputs = sorted((n for n in nodes if any(u not in inside for u in n.users)), key=order.__getitem__)
+        call = _call_of(path, external, outputs, calls, node) if outputs else None
+        if call is None or max((order[x] for x in external), default=-1) > order[outputs[0]]:
+            continue  # read from outside, or a call not seen: its ops stay as they are
+        args, kwargs, where = call
+        with graph.inserting_before(outputs[0]):
+            call_node = graph.call_module(path, args, kwargs)
+            for out, i in zip(outputs, where):
+                result = call_node if i is None else graph.call_function(operator.getitem, (call_node, i))
+                result.meta = dict(out.meta)
+                order[result] = order[call_node] = order[outputs[0]]  # a later group may read it
+                out.replace_all_uses_with(result)
+                moved[out] = result
         for n in sorted(nodes, key=order.__getitem__, reverse=True):
             if not n.users:
                 graph.erase_node(n)
