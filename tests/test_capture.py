@@ -192,6 +192,28 @@ def test_an_exported_teacher_runs_at_other_batch_sizes():
     assert teacher is not None
 
 
+class AttentionOnInput(nn.Module):
+    """nn.MultiheadAttention straight on a graph input: its width cannot widen, so neither may its heads."""
+
+    def __init__(self):
+        super().__init__()
+        self.mha, self.fc = nn.MultiheadAttention(8, 2, batch_first=True), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(self.mha(x, x, x)[0].mean(1))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_attention_whose_width_is_frozen_keeps_its_heads(capture):
+    torch.manual_seed(0)
+    model = randomize(AttentionOnInput()).double()
+    ex = api.expand(model, (2, 5, 8), 2.0, capture=capture)
+    if capture == "fx":  # one module: embed_dim is its width and its heads' (export runs its ops one by one)
+        assert ex.tensors["mha.in_proj_weight"].shape == (24, 8)
+    rep = verify(model, ex.plan, ex.tensors, device="cpu")
+    assert rep.passed, rep.to_dict()
+
+
 # -- torchvision models fx cannot trace ------------------------------------------------------------
 def small_swin3d():
     from torchvision.models.video.swin_transformer import SwinTransformer3d

@@ -34,11 +34,13 @@ def fused_heads(ctx: Ctx, proj_out: Layout, num_heads: int, head_dim: int, parts
     return heads
 
 
-def width_in_heads(ctx: Ctx, width: Layout, num_heads: int, head_dim: int) -> None:
+def width_in_heads(ctx: Ctx, width: Layout, num_heads: int, head_dim: int) -> Layout:
     """Ops that derive head_dim as width // heads need the input width to widen by whole heads: structure
-    it as (blocks, head_dim) so that fractional ratios round on the number of blocks, like the heads."""
+    it as (blocks, head_dim) so that fractional ratios round on the number of blocks, like the heads.
+    Returns the blocks."""
     blocks = ctx.expandable(num_heads)
     ctx.unify(width, Prod((blocks, ctx.spaces.new(head_dim, frozen=HEAD_DIM))))
+    return blocks
 
 
 @builtin(nn.MultiheadAttention)
@@ -50,7 +52,8 @@ def multihead_attention(ctx: Ctx) -> Dims:
     q, k, v = (ctx.arg(i, n) for i, n in enumerate(("query", "key", "value")))
     W = ctx.param(f"{name}.in_proj_weight", ["copy", "share"])
     heads = fused_heads(ctx, W[0], m.num_heads, m.head_dim)
-    width_in_heads(ctx, W[1], m.num_heads, m.head_dim)
+    # nn.MultiheadAttention has one embed_dim for its input and its heads: the two widen (or freeze) together
+    ctx.unify(width_in_heads(ctx, W[1], m.num_heads, m.head_dim), heads)
     for t in (q, k, v):
         ctx.unify(ctx.dims(t)[-1], W[1])
     if m.in_proj_bias is not None:
