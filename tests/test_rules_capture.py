@@ -277,22 +277,23 @@ class UnflattenInto(nn.Module):
 
     def forward(self, x):
         y = self.fc(x).unflatten(1, (4, 4, 4))
-        if self.op == "cummax":
-            y = torch.cummax(y, dim=1)[0]  # no rule knows it, and it returns two tensors: frozen
+        if self.op == "cumprod_":
+            y = y.cumprod_(dim=1)  # no rule knows it, and it writes into its input: it cannot run apart
         return self.conv(y)
 
 
 def test_unsupported_op_on_a_product_is_counted():
-    """The Linear's 64 outputs as 4 x 4 x 4: an op no rule knows freezes every factor before the product
-    could choose one to widen. Before, nothing offered them as expandable and the plan said "0 expanded,
+    """The Linear's 64 outputs as 4 x 4 x 4: an op no rule knows, and that cannot run at the student's width
+    (it writes into its input), freezes every factor before the product could choose one to widen. Before, nothing offered them as expandable and the plan said "0 expanded,
     0 frozen at 1.00x"; now each is frozen with the op and its node named."""
-    planned = plan_expansion(random_init(UnflattenInto("cummax")), (2, 8), 2)
+    planned = plan_expansion(random_init(UnflattenInto("cumprod_")), (2, 8), 2)
     s = planned.plan.report
-    assert s["unsupported"] == ["torch.cummax"] and s["expanded"] == 0
-    assert len(s["frozen"]) == 3 and all(f["reason"] == "unsupported op torch.cummax at cummax" for f in s["frozen"])
-    rows = [r for r in plan_report(planned)["spaces"] if r["status"] == "frozen" and "cummax" in r["reason"]]
+    assert s["unsupported"] == ["call_method cumprod_"] and s["expanded"] == 0, s
+    reason = "unsupported op call_method cumprod_ at cumprod_"
+    assert len(s["frozen"]) == 3 and all(f["reason"] == reason for f in s["frozen"]), s["frozen"]
+    rows = [r for r in plan_report(planned)["spaces"] if r["status"] == "frozen" and r["reason"] == reason]
     assert [r["size"] for r in rows] == [4, 4, 4]
-    assert all({"fc", "cummax"} <= {u["node"] for u in r["used_by"]} for r in rows)
+    assert all({"fc", "cumprod_"} <= {u["node"] for u in r["used_by"]} for r in rows)
 
 
 def test_conv_after_unflatten_widens_the_channel_factor_only():
