@@ -37,7 +37,7 @@ from torch import nn
 
 from .errors import GPDError, first_line
 from .rules.registry import builtin
-from .trace import TraceError
+from .trace import TraceError, user_frame
 from .inputs import Inputs, InputSpec, describe
 
 CAPTURES = ("auto", "fx", "export")
@@ -196,7 +196,7 @@ def _export(model: nn.Module, inputs: Inputs, example: Sequence[torch.Tensor], d
         with torch.no_grad(), _quiet():
             return torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
     except Exception as e:  # the model's own code failing under export
-        raise TraceError(f"torch.export cannot capture {type(model).__name__}{_where(e)}: {type(e).__name__}: "
+        raise TraceError(f"torch.export cannot capture {type(model).__name__}{user_frame(e)}: {type(e).__name__}: "
                          f"{first_line(e)}") from None
 
 
@@ -235,16 +235,6 @@ def _signature_dynamic(model: nn.Module, dyn_args: tuple, dyn_kwargs: dict) -> A
     for name, d in dyn_kwargs.items():
         out[name] = d
     return out if all(name in {p.name for p in params} for name in dyn_kwargs) or not dyn_kwargs else None
-
-
-def _where(e: BaseException) -> str:
-    import traceback
-
-    frames = [f for f in traceback.extract_tb(e.__traceback__) if "/torch/" not in f.filename]
-    if not frames:
-        return ""
-    f = frames[-1]
-    return f" at {f.filename}:{f.lineno} ({(f.line or '').strip()})"
 
 
 def _plain_graph(graph: fx.Graph) -> fx.Graph:

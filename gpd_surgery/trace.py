@@ -267,7 +267,7 @@ def trace(model: nn.Module, rules: TraceRules | None = None, inputs: Inputs | No
     try:
         graph = tracer.trace(model, concrete_args=_optional_args(model, inputs))
     except Exception as e:
-        where = _user_frame(e)
+        where = user_frame(e)
         inner = ""
         if tracer.path:
             name = tracer.path[-1]
@@ -324,7 +324,8 @@ def _has_module(model: nn.Module, name: str) -> bool:
         return False
 
 
-def _user_frame(e: BaseException) -> str:
+def user_frame(e: BaseException) -> str:
+    """' at FILE:LINE (code)' of the last frame of ``e`` outside torch: where the model's code failed."""
     import traceback
 
     frames = [f for f in traceback.extract_tb(e.__traceback__) if "/torch/" not in f.filename]
@@ -445,5 +446,5 @@ def propagate(gm: fx.GraphModule, example: list[torch.Tensor], model: nn.Module 
             text = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         else:
             raise TraceError(f"the captured graph of {type(model).__name__} fails where the model runs (input "
-                             f"{shapes}){_user_frame(error)}: {text} (try --capture export)") from None
+                             f"{shapes}){user_frame(error)}: {text} (try --capture export)") from None
     raise GPDError(f"the model rejects an input of shape {shapes}: {text} (use --input-shape or --input)") from None
