@@ -50,11 +50,22 @@ def at_student_width(ctx: Any, what: str) -> Any:
     inputs = [list(ctx.dims(a)) if ctx.is_tensor(a) else None for a in node.all_input_nodes]
     if isinstance(spec, TensorSpec):
         out: Any = ctx.fresh(spec.shape)
+        # Any layout of the output is exact (it is copied out by its own map), but a new batch dim would be
+        # free to widen (a later matmul offers its batch dims), and a copy by a map would fix the batch size:
+        # a leading dim the size of the first input's takes that input's layout (the batch). The other dims
+        # start new spaces, free of the input's structure (groups, concatenated pieces).
+        first = next((a for a in args if len(ctx.shape(a)) == len(spec.shape)), None)
+        if first is not None and spec.shape and ctx.shape(first)[0] == spec.shape[0]:
+            out[0] = ctx.dims(first)[0]
     else:  # an LSTM's (output, (h, c)): each tensor item is copied out where it is taken; nested ones keep
         # their size (nothing copies them out)
         out = tuple(ctx.fresh(e.shape) if isinstance(e, TensorSpec)
                     else ctx.fresh_like(e, frozen=f"a nested output of {what}, run at the student's width")
                     for e in spec)
+        lead = ctx.dims(args[0])[0] if args and ctx.shape(args[0]) else None
+        for e, item in zip(spec, out):  # the batch, as above
+            if lead is not None and isinstance(e, TensorSpec) and e.shape and e.shape[0] == ctx.shape(args[0])[0]:
+                item[0] = lead
 
     def build(n: fx.Node, size: Any) -> None:
         _gather_inputs(n, inputs, size)
