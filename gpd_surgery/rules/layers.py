@@ -220,10 +220,10 @@ def _embedding(ctx: Ctx, W: list[Layout], max_norm: Any) -> None:
         ctx.freeze(W[1], f"embedding rows renormalized to max_norm at {ctx.where}")
 
 
-@builtin(nn.Embedding)
-def embedding(ctx: Ctx) -> Dims:
-    """``weight[index]``: the index tensor's dims, then the embedding dim."""
-    m: nn.Embedding = ctx.module(ctx.node)  # type: ignore[assignment]
+def _embedding_module(ctx: Ctx) -> Layout:
+    """An nn.Embedding's or nn.EmbeddingBag's weight related and its embedding_dim set in the teacher: the
+    embedding dim's layout."""
+    m = ctx.module(ctx.node)
     W = ctx.param(f"{ctx.node.target}.weight", [None, "copy"])
     _embedding(ctx, W, m.max_norm)
 
@@ -231,7 +231,13 @@ def embedding(ctx: Ctx) -> Dims:
         t.embedding_dim = size(W[1])
 
     ctx.on_build_module(build)
-    return list(ctx.dims(first_tensor(ctx))) + [W[1]]
+    return W[1]
+
+
+@builtin(nn.Embedding)
+def embedding(ctx: Ctx) -> Dims:
+    """``weight[index]``: the index tensor's dims, then the embedding dim."""
+    return list(ctx.dims(first_tensor(ctx))) + [_embedding_module(ctx)]
 
 
 @builtin(F.embedding)
@@ -247,14 +253,7 @@ def embedding_function(ctx: Ctx) -> Dims:
 def embedding_bag(ctx: Ctx) -> Dims:
     """Bags of rows reduced per channel (sum, mean or max, optionally weighted per sample): one row per bag
     (the index tensor's first dim when it is 2-D), then the embedding dim."""
-    m: nn.EmbeddingBag = ctx.module(ctx.node)  # type: ignore[assignment]
-    W = ctx.param(f"{ctx.node.target}.weight", [None, "copy"])
-    _embedding(ctx, W, m.max_norm)
-
-    def build(t: nn.Module, size: Any) -> None:
-        t.embedding_dim = size(W[1])
-
-    ctx.on_build_module(build)
+    dim = _embedding_module(ctx)
     index = ctx.dims(first_tensor(ctx))
     bags = [index[0]] if len(index) == 2 else spatial(ctx, ctx.shape(ctx.node)[:1])
-    return bags + [W[1]]
+    return bags + [dim]
