@@ -13,18 +13,26 @@ from .errors import GPDError, first_line
 
 
 def load_student(model: str, weights: Optional[str], model_args: dict[str, Any], trust_pickle: bool,
-                 plan: Any = None, note: Callable[[str], None] | None = None, trust_remote_code: bool = False) -> Any:
+                 plan: Any = None, note: Callable[[str], None] | None = None, trust_remote_code: bool = False,
+                 init_seed: int | None = None) -> Any:
     """The student; with a teacher's ``plan``, checked against the shapes it records before it is allocated.
-    ``note`` receives what loading the weights says on the way (a stripped DDP prefix)."""
+    ``note`` receives what loading the weights says on the way (a stripped DDP prefix). ``init_seed``: the seed
+    of a random initialization (default: the one the plan records, as `gpd train --seed` does, else 0)."""
     from .io import load_weights
-    from .trace import load_model
+    from .limits import MAX_SEED
+    from .trace import INIT_SEED, load_model
+
+    if init_seed is None:
+        recorded = plan.source.get("init_seed") if plan is not None else None
+        ok = type(recorded) is int and 0 <= recorded <= MAX_SEED
+        init_seed = recorded if ok else INIT_SEED
 
     if not model.startswith(("torchvision:", "timm:", "hf:")):  # those import nothing from the current directory
         cwd_on_path()
     expect = None if plan is None else {r.key: r.shape for r in plan.recipes}
     try:
         m = load_model(model, model_args, trust_pickle=trust_pickle, expect=expect,
-                       trust_remote_code=trust_remote_code)
+                       trust_remote_code=trust_remote_code, init_seed=init_seed)
     except GPDError:
         raise
     except Exception as e:  # the factory's own complaint about its arguments, e.g. a negative width

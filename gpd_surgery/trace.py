@@ -42,11 +42,12 @@ def parse_model_args(items: Iterable[str]) -> dict[str, Any]:
 
 
 def load_model(spec: str, model_args: dict[str, Any] | None = None, *, trust_pickle: bool = False,
-               expect: dict[str, tuple[int, ...]] | None = None, trust_remote_code: bool = False) -> nn.Module:
-    """Build the student named by ``spec`` (random init, eval mode, seeded). ``expect``: the state dict's
-    shapes a teacher's plan records, checked on the meta device before anything is allocated."""
+               expect: dict[str, tuple[int, ...]] | None = None, trust_remote_code: bool = False,
+               init_seed: int = INIT_SEED) -> nn.Module:
+    """Build the student named by ``spec`` (random init, eval mode, seeded with ``init_seed``). ``expect``: the
+    state dict's shapes a teacher's plan records, checked on the meta device before anything is allocated."""
     model_args = dict(model_args or {})
-    torch.manual_seed(INIT_SEED)
+    torch.manual_seed(init_seed)
     if spec.endswith((".pt", ".pth")) and ":" not in os.path.basename(spec):
         model = _load_pickled(spec, trust_pickle)
     elif spec.startswith("torchvision:"):
