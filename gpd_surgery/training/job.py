@@ -102,7 +102,11 @@ def prepare(q: TrainRequest, config: TrainConfig, step: Step, note: Callable[[st
     size = _image_size(q, plan)
     shape = (1, 3, size, size)
     step(f"loading {model}")
-    m = load_student(model, None if q.resume else q.weights, args, q.trust_pickle, plan, note)
+    # From scratch, --seed draws the student's initialization too, so that the seeds of an experiment are
+    # independent (with a teacher file or --weights the weights come from the file).
+    scratch = not q.weights and plan is None and not q.resume
+    m = load_student(model, None if q.resume else q.weights, args, q.trust_pickle, plan, note,
+                     init_seed=config.seed if scratch else None)
     step(f"loading the data ({q.data})")
     if q.data == "synthetic":
         k = num_outputs(m, shape)
@@ -116,6 +120,8 @@ def prepare(q: TrainRequest, config: TrainConfig, step: Step, note: Callable[[st
         static = load_student(q.static_teacher, q.static_weights, parse_model_args(q.static_model_args),
                               q.trust_pickle, note=note)
     source = {"model": model, "model_args": args, **weights_source(None if q.resume else q.weights)}
+    if scratch:
+        source["init_seed"] = config.seed  # `gpd verify TEACHER` rebuilds the same random student
     return TrainJob(q, config, model, m, train_set, val_set, k, shape, ratio, kinds, static,
                     _identity(q, model, args, size), source)
 
