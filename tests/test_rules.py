@@ -623,9 +623,9 @@ def test_functional_group_norm_widens_its_groups(ratio):
     assert tshape(res, "a.weight") == (8 * ratio, 3, 1, 1)
 
 
-def test_functional_group_norm_with_one_group_keeps_its_channels():
-    res = check(FunctionalGroupNorm(1), (2, 3, 5, 5), wider=False)  # statistics over all channels: by design
-    assert tshape(res, "a.weight") == (8, 3, 1, 1)
+def test_functional_group_norm_with_one_group_widens_within_it():
+    res = check(FunctionalGroupNorm(1), (2, 3, 5, 5))  # the copies of each channel stay in the one group
+    assert tshape(res, "a.weight") == (16, 3, 1, 1)
 
 
 class EcaGate(nn.Module):
