@@ -192,7 +192,7 @@ def describe(node: fx.Node, gm: fx.GraphModule) -> str:
 
 
 def analyse(gm: fx.GraphModule, rules: RuleSource) -> Analysis:
-    from .fallback import at_student_width  # an op without a rule runs at the student's width
+    from .fallback import at_outputs, at_student_width  # what no rule widens runs at the student's width
     """Relate every dimension of ``gm`` (already shape-propagated) through the registry ``rules``."""
     ctx = Ctx(gm, rules)
     for node in gm.graph.nodes:
@@ -200,9 +200,7 @@ def analyse(gm: fx.GraphModule, rules: RuleSource) -> Analysis:
         if node.op == "placeholder":
             out = ctx.fresh_like(ctx.spec(node), frozen=f"{BOUNDARY}: input {node.name}")
         elif node.op == "output":
-            for t in ctx.tensor_args():
-                for lay in ctx.dims(t):
-                    ctx.freeze(lay, f"{BOUNDARY}: output")
+            at_outputs(ctx)
             continue
         elif not ctx.tensor_args() and not _has_tensor(ctx.spec(node)) and node.op != "get_attr":
             rule = rules.get(PLAIN_VALUE)  # arithmetic on sizes and other plain values

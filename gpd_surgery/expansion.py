@@ -373,7 +373,8 @@ def build_teacher(student: Student, maps: Maps, tensors: dict[str, torch.Tensor]
             if t is None:  # not in the file (a non-persistent buffer, beit's zero k_bias): widened here
                 t = _unsaved(orig, analysis.params.get(target), maps)
             _install(root, target, nn.Parameter(t, orig.requires_grad) if isinstance(orig, nn.Parameter) else t)
-    for old, new in env.items():
+    outputs = {old: new for old, new in zip(gm.graph.find_nodes(op="output"), graph.find_nodes(op="output"))}
+    for old, new in [*env.items(), *outputs.items()]:
         hook = analysis.node_hooks.get(old.name)
         if hook is not None:
             hook(new, sizes)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .layout import Layout
+from .layout import BOUNDARY, Layout
 from .trace import TensorSpec
 
 STUDENT_NAME = "gpd_student"  # node meta: the student node whose value a teacher node holds (None: none)
@@ -79,6 +79,24 @@ def at_student_width(ctx: Any, what: str) -> Any:
 
     ctx.on_build_node(build)
     return out
+
+
+def at_outputs(ctx: Any) -> None:
+    """The graph's outputs keep the student's shape: a space some dense layer sums over (a residual stream, the
+    features under a head) widens inside and is narrowed to its canonical copies where it leaves the graph; any
+    other (logits, a head's own output) keeps its size, as copying it out would widen a layer for nothing."""
+    spaces = ctx.spaces
+    contracted = {spaces.find(i) for info in ctx.result.params.values()
+                  for lay, mode in zip(info.layouts, info.modes) if mode == "share" for i in spaces.leaves(lay)}
+    inputs = []
+    for a in ctx.node.all_input_nodes:
+        dims = list(ctx.dims(a)) if ctx.is_tensor(a) else None
+        for lay in dims or ():
+            for i in spaces.leaves(lay):
+                if spaces.find(i) not in contracted:
+                    ctx.freeze(i, f"{BOUNDARY}: output")
+        inputs.append(dims)
+    ctx.on_build_node(lambda n, size: _gather_inputs(n, inputs, size))
 
 
 def _writes_in_place(ctx: Any, node: fx.Node) -> bool:

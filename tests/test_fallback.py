@@ -149,3 +149,37 @@ def test_an_op_writing_in_place_is_still_frozen():
     ex = api.expand(randomize(InPlace()), (1, 3, 4, 4), 2.0)
     summary = api.summarize(ex.plan, ex.tensors)
     assert summary["frozen"] and "atan_" in " ".join(summary["unsupported_ops"])
+
+
+class Headless(nn.Module):
+    """A backbone whose outputs are its residual stream (eva02 without a head), an op without a rule on it, and
+    logits beside them."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.norm, self.head = nn.Linear(5, 6), nn.LayerNorm(6), nn.Linear(6, 3)
+        self.block = nn.Sequential(nn.LayerNorm(6), nn.Linear(6, 12), nn.GELU(), nn.Linear(12, 6))
+
+    def forward(self, x):
+        y = self.embed(x)
+        y = y + self.block(y)
+        f = self.norm(y)
+        return f, mix(f), self.head(f.mean(1))
+
+
+@pytest.mark.parametrize("ratio", [2.0, 3.0, 1.5])
+def test_a_stream_at_the_graph_outputs_widens_inside(ratio):
+    """The stream leaves the graph narrowed to its canonical copies, so the whole stream widens; the logits keep
+    their size (widening them would widen the head for nothing)."""
+    torch.manual_seed(0)
+    model = randomize(Headless()).double()
+    ex = api.expand(model, (2, 4, 5), ratio, branches="default")
+    wide = round(6 * ratio)
+    assert ex.tensors["embed.weight"].shape[0] == wide and ex.tensors["norm.weight"].shape == (wide,)
+    assert ex.tensors["head.weight"].shape == (3, wide)
+    x = torch.randn(3, 4, 5, dtype=torch.float64)
+    for s, t in zip(model(x), ex.teacher()(x)):
+        assert s.shape == t.shape
+    rep = verify(model, ex.plan, ex.tensors, device="cpu")
+    assert rep.passed, rep.to_dict()
+    assert all(c.max_rel <= 1e-10 for c in rep.checks + rep.inside if c.dtype == "float64")
