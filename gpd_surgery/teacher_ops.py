@@ -2,11 +2,15 @@
 
 At a fractional ratio some channels have more copies than others, so a plain mean over a widened
 dim would weight them unequally. Weighting every copy by ``1 / (copies x student width)`` gives
-back the student's statistics exactly.
+back the student's statistics exactly. A weight-standardised convolution's statistics run over its
+weight's input dim, which holds shares rather than copies: they are taken over the folded weight.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -116,3 +120,46 @@ class WeightedGroupNorm(nn.GroupNorm):
             if name in self._modules:
                 y = self._modules[name](y)
         return y
+
+
+class FoldedStdConv(nn.Module):
+    """A teacher's weight-standardised convolution (timm's StdConv2d and ScaledStdConv2d, BiT's): the statistics
+    of each output row are the student's, those of the row with the copies of each input channel summed
+    (``src``: the input dim's source map), and each copy's share of the row's mean is ``1 / copies``. The
+    copies of an input channel then sum to the student's standardised weight, whatever their shares and at
+    any ratio, and the collapse (output rows copied, input copies summed) gives a student whose own
+    standardisation computes exactly that. Standardising the teacher's row as it is would not: its fan-in,
+    mean and variance follow the copies' shares (exact only with equal shares and a gain and eps corrected by
+    the ratio, never at uneven copies)."""
+
+    def __init__(self, conv: nn.Conv2d, src: torch.Tensor, student_in: int, pad: Any = None) -> None:
+        super().__init__()
+        self.weight, self.bias = conv.weight, conv.bias
+        gain = getattr(conv, "gain", None)
+        self.gain = gain if isinstance(gain, nn.Parameter) else None
+        self.scale = float(getattr(conv, "scale", 1.0))  # gamma / sqrt(the student's fan-in)
+        self.eps = float(conv.eps)  # type: ignore[arg-type]
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        self.in_channels, self.out_channels, self.kernel_size = conv.in_channels, conv.out_channels, conv.kernel_size
+        self.pad = pad  # same padding from the input's size (a function or a module), or None
+        self.student_in = student_in
+        counts = torch.bincount(src, minlength=student_in).to(torch.float64)
+        self.register_buffer("src", src, persistent=False)
+        self.register_buffer("share", 1.0 / counts[src], persistent=False)
+
+    def standardized(self, weight: torch.Tensor) -> torch.Tensor:
+        out, k = weight.shape[0], weight.shape[2:]
+        folded = weight.new_zeros((out, self.student_in, *k)).index_add(1, self.src, weight).reshape(out, -1)
+        mean, var = folded.mean(1), folded.var(1, unbiased=False)
+        col = (-1,) + (1,) * (weight.dim() - 1)
+        share = self.share.to(weight.dtype).view(1, -1, *(1,) * len(k))
+        w = (weight - mean.view(col) * share) * torch.rsqrt(var + self.eps).view(col)
+        return w * (self.gain * self.scale).view(col) if self.gain is not None else w
+
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.pad is not None:
+            x = self.pad(x)
+        return F.conv2d(x, self.standardized(weight), bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.weight, self.bias)

@@ -90,3 +90,35 @@ def test_groups_widen_before_the_channels_within():
     res, _ = check(nn.Sequential(nn.Conv2d(3, 8, 1), nn.GroupNorm(4, 8), nn.Conv2d(8, 4, 1)), (1, 3, 4, 4), 1.5)
     norm = res.teacher().get_submodule("1")
     assert (norm.num_groups, norm.num_channels) == (6, 12) and type(norm) is nn.GroupNorm
+
+
+# -- weight-standardised convolutions: statistics of the folded row ---------------------------------------
+class StdConvs(nn.Module):
+    """timm's four weight-standardised convs, dense and grouped, with a residual and strides."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from timm.layers import ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
+
+        self.a, self.b = ScaledStdConv2d(3, 8, 3, gamma=1.7), ScaledStdConv2d(8, 12, 3, stride=2)
+        self.c, self.d = StdConv2d(12, 12, 1, bias=True), StdConv2dSame(12, 12, 3, stride=2)
+        self.e, self.head = ScaledStdConv2dSame(12, 12, 3, groups=3), nn.Conv2d(12, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.b(F.relu(self.a(x))))
+        y = self.d(y + self.c(y))
+        return self.head(y + self.e(y))
+
+
+@pytest.mark.parametrize("branches", BRANCHES)
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_weight_standardised_convs_widen_exactly(ratio, branches):
+    pytest.importorskip("timm")
+    res, _ = check(StdConvs(), (2, 3, 11, 11), ratio, branches)
+    teacher = res.teacher()
+    # a: its input is the graph's (nothing to fold); b, c, d: dense inputs widened, standardised as folded rows
+    assert [type(teacher.get_submodule(k)).__name__ for k in "abcd"] == ["ScaledStdConv2d"] + ["FoldedStdConv"] * 3
+    assert teacher.get_submodule("e").groups == width(3, ratio)  # grouped: its groups widen, rows copied
+    assert tuple(res.tensors["b.gain"].shape) == (width(12, ratio), 1, 1, 1)
+    assert tuple(res.tensors["c.weight"].shape[:2]) == (width(12, ratio),) * 2
+    assert not any(k.startswith(("b.branch", "c.branch")) for k in res.tensors)  # the rule takes no branches

@@ -62,7 +62,7 @@ def _weight_modes(transposed: bool, n_groups: int) -> list[str | None]:
     return ["share", "copy"] if n_groups == 1 else ["copy", None]
 
 
-def _channels_out(ctx: Ctx, xd: list[Layout], c: int, out: Layout) -> Dims:
+def conv_output(ctx: Ctx, xd: list[Layout], c: int, out: Layout) -> Dims:
     """A convolution's output: the leading dims of its input, its output channels, new spatial dims. The
     input's spatial dims keep their size (a kernel over copies of a channel would see other neighbours, and
     a widened factor there would change the output's size): a channel space met there is frozen."""
@@ -71,9 +71,9 @@ def _channels_out(ctx: Ctx, xd: list[Layout], c: int, out: Layout) -> Dims:
     return list(xd[:c]) + [out] + spatial(ctx, ctx.shape(ctx.node)[c + 1 :])
 
 
-@builtin(nn.Conv1d, nn.Conv2d, nn.Conv3d)
-def conv(ctx: Ctx) -> Dims:
-    """Dense convs share their input copies; grouped convs expand the number of groups."""
+def conv_module(ctx: Ctx) -> tuple[list[Layout], int, list[Layout], Layout | None]:
+    """Relate a conv module's input, weight and bias: (the input's dims, its channel dim, the weight's dims, the
+    widened groups or None). Its build hook is the caller's (``conv_build``)."""
     m: nn.Conv2d = ctx.module(ctx.node)  # type: ignore[assignment]
     name = str(ctx.node.target)
     x = first_tensor(ctx)
@@ -83,13 +83,21 @@ def conv(ctx: Ctx) -> Dims:
     groups = _conv_channels(ctx, xd[c], W, m.groups, m.out_channels)
     if m.bias is not None:
         ctx.unify(ctx.param(f"{name}.bias", ["copy"])[0], W[0])
+    return xd, c, W, groups
 
-    def build(t: nn.Module, size: Any) -> None:
-        t.in_channels, t.out_channels = size(xd[c]), size(W[0])
-        t.groups = size(groups) if groups is not None else 1
 
-    ctx.on_build_module(build)
-    return _channels_out(ctx, xd, c, W[0])
+def conv_build(t: nn.Module, size: Any, channel: Layout, W: list[Layout], groups: Layout | None) -> None:
+    """A teacher conv's sizes."""
+    t.in_channels, t.out_channels = size(channel), size(W[0])
+    t.groups = size(groups) if groups is not None else 1
+
+
+@builtin(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+def conv(ctx: Ctx) -> Dims:
+    """Dense convs share their input copies; grouped convs expand the number of groups."""
+    xd, c, W, groups = conv_module(ctx)
+    ctx.on_build_module(lambda t, size: conv_build(t, size, xd[c], W, groups))
+    return conv_output(ctx, xd, c, W[0])
 
 
 @builtin(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -111,7 +119,7 @@ def conv_transpose(ctx: Ctx) -> Dims:
         t.groups = size(groups) if groups is not None else 1
 
     ctx.on_build_module(build)
-    return _channels_out(ctx, xd, c, out)
+    return conv_output(ctx, xd, c, out)
 
 
 TRANSPOSED = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, torch.conv_transpose1d,
@@ -155,7 +163,7 @@ def conv_function(ctx: Ctx) -> Dims:
             n.kwargs = {**n.kwargs, "groups": size(groups)}
 
     ctx.on_build_node(rewrite)
-    return _channels_out(ctx, xd, c, out)
+    return conv_output(ctx, xd, c, out)
 
 
 @builtin(nn.Linear)

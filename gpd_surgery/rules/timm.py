@@ -1,21 +1,59 @@
 """Rules for timm's own layers: norm + activation and same-padding convs (leaf modules timm declares for
-fx) and the window and block (un)partitions it wraps from tracing. Loaded at the first node of a timm op
-(see ``registry.LIBRARY_RULES``), so that importing gpd-surgery does not import timm."""
+fx), weight-standardised convs, and the window and block (un)partitions it wraps from tracing. Loaded at the
+first node of a timm op (see ``registry.LIBRARY_RULES``), so that importing gpd-surgery does not import
+timm."""
 from __future__ import annotations
 
+import functools
 import importlib
+from typing import Any
 
 from timm.layers import norm_act as _norm_act
+from timm.layers import std_conv as _std_conv
 from timm.layers.conv2d_same import Conv2dSame as _Conv2dSame
+from timm.layers.padding import pad_same
+from torch import nn
 
-from .layers import conv
+from ..analyse import Ctx, Dims
+from ..teacher_ops import FoldedStdConv
+from .layers import conv, conv_build, conv_module, conv_output
 from .norms import batch_norm, group_norm
-from .registry import builtin
+from .registry import DEFAULT, builtin
 from .shapes import channels_last_window
 
 builtin(_norm_act.BatchNormAct2d)(batch_norm)  # the activation acts per element
 builtin(_norm_act.GroupNormAct)(group_norm)
 builtin(_Conv2dSame)(conv)  # an nn.Conv2d whose padding is computed from the input's size: spatial only
+
+
+def std_conv(ctx: Ctx) -> Dims:
+    """A weight-standardised conv (StdConv2d, ScaledStdConv2d and their same-padding forms: the weight's rows
+    standardised over their fan-in, by F.batch_norm in training mode, then scaled by a gain): as a conv, its
+    gain copied per output channel. Where its input dim widens, the teacher standardises each row with the
+    statistics of the row folded back to the student's width (``FoldedStdConv``): exact at any ratio and
+    shares, and the collapse is a conv's. Kept whole (a leaf) so that the standardisation is one op."""
+    m = ctx.module(ctx.node)
+    xd, c, W, groups = conv_module(ctx)
+    if isinstance(getattr(m, "gain", None), nn.Parameter):
+        ctx.unify(ctx.param(f"{ctx.node.target}.gain", ["copy"])[0], W[0])
+
+    def build(t: nn.Module, size: Any) -> nn.Module | None:
+        conv_build(t, size, xd[c], W, groups)
+        src = size.src(W[1])
+        if src is None:  # each row's fan-in is the student's: its statistics are too
+            return None
+        pad = functools.partial(pad_same, kernel_size=t.kernel_size, stride=t.stride, dilation=t.dilation) \
+            if getattr(t, "same_pad", False) else None
+        return FoldedStdConv(t, src, size.student(W[1]), pad)
+
+    ctx.on_build_module(build)
+    return conv_output(ctx, xd, c, W[0])
+
+
+# Leaves: StdConv2d and ScaledStdConv2d are traced through otherwise, their standardisation a batch_norm over a
+# computed weight that no rule can see as one op.
+DEFAULT.register(_std_conv.StdConv2d, _std_conv.StdConv2dSame, _std_conv.ScaledStdConv2d,
+                 _std_conv.ScaledStdConv2dSame)(std_conv)
 
 
 def _register_window_functions() -> None:
