@@ -70,7 +70,8 @@ def test_end_to_end_float64(factory, tmp_path):
     assert result["complete"] and len(hist) == 4
     assert hist[-1]["train"]["objective"] < hist[0]["train"]["objective"]  # the training loss goes down
     assert hist[-1]["train"]["student_loss"] < hist[0]["train"]["student_loss"]
-    assert set(hist[-1]["val"]) == {"teacher_loss", "teacher_acc", "student_loss", "student_acc"}
+    assert set(hist[-1]["val"]) == {"teacher_loss", "teacher_acc", "teacher_top5", "student_loss", "student_acc",
+                                    "student_top5"}
 
     # The extracted student: the original state_dict's keys, shapes and dtypes, loadable strictly.
     state = load_file(str(tmp_path / "student.safetensors"))
@@ -123,8 +124,11 @@ def test_losses_and_schedule():
     assert distill_loss(a, a, "kl").abs() < 1e-6
     p = torch.softmax(b, -1)
     assert torch.allclose(distill_loss(a, b, "sce"), -(p * torch.log_softmax(a, -1)).sum(-1).mean())
+    sce = TrainConfig(distill="sce", lam=1.0, student_ce=0.0, teacher_ce=0.0)  # the official target 0.9 p + 0.1 / K
     q = p * 0.9 + 0.1 / 7
-    assert torch.allclose(distill_loss(a, b, "sce", label_smoothing=0.1), -(q * torch.log_softmax(a, -1)).sum(-1).mean())
+    assert torch.allclose(GPDLoss(sce)(b, a, torch.zeros(5, dtype=torch.long))[0], -(q * torch.log_softmax(a, -1)).sum(-1).mean())
+    q = p * 0.9 + 0.1 / 7
+    assert torch.allclose(distill_loss(a, b, "sce", smoothing=0.1), -(q * torch.log_softmax(a, -1)).sum(-1).mean())
     t = 4.0
     kl = torch.nn.functional.kl_div(torch.log_softmax(a / t, -1), torch.softmax(b / t, -1), reduction="batchmean")
     assert torch.allclose(distill_loss(a, b, "kl", t), kl * t * t)
@@ -134,7 +138,8 @@ def test_losses_and_schedule():
     assert torch.allclose(parts["teacher"], ce(b, y))
     assert torch.allclose(parts["student"], ce(a, y) + 2.0 * distill_loss(a, b))
     static = torch.randn(5, 7)
-    cfg = TrainConfig(lam=3.0, static_teacher_weight=0.5, static_student_weight=0.25, distill="sce", teacher_ce=2.0)
+    cfg = TrainConfig(lam=3.0, static_teacher_weight=0.5, static_student_weight=0.25, distill="sce", teacher_ce=2.0,
+                      sce_smoothing=0.0)
     total, parts = GPDLoss(cfg)(b, a, y, static)
     assert torch.allclose(parts["teacher"], 2 * ce(b, y) + 0.5 * distill_loss(b, static, "sce"))
     assert torch.allclose(parts["student"], ce(a, y) + 3 * distill_loss(a, b, "sce") + 0.25 * distill_loss(a, static, "sce"))

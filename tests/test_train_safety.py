@@ -1,6 +1,7 @@
 """`gpd train` hardening: a kill at any point of a checkpoint leaves no temporary file and a run that --resume
 continues exactly; a malformed train_state.pt, a NaN starting teacher, a corrupt image, a decompression bomb and
 a symlink loop in the data folder are each one clear line (exit 2) or a warning, never a crash."""
+import csv
 import json
 import os
 import shutil
@@ -114,9 +115,15 @@ def test_sigkill_in_a_checkpoint_leaves_no_temp_file_and_resume_continues(killed
     assert not [f for f in os.listdir(out) if f.startswith(".gpd-")], os.listdir(out)
     res = train(out, "--resume")
     assert res["complete"] and _strip(res["history"]) == _strip(ref["history"])
-    for name in ("teacher.safetensors", "student.safetensors"):
+    for name in ("teacher.safetensors", "student.safetensors", "best.safetensors"):
         assert (out / name).read_bytes() == (ref_dir / name).read_bytes(), name
-    assert sorted(os.listdir(out)) == ["student.safetensors", "teacher.safetensors", "train_state.pt"]
+
+    def rows(d):  # metrics.csv: the same rows but for the time each epoch took
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(open(d / "metrics.csv"))]
+
+    assert rows(out) == rows(ref_dir) and len(rows(out)) == 2
+    assert sorted(os.listdir(out)) == ["best.safetensors", "curves.png", "metrics.csv", "student.safetensors",
+                                       "teacher.safetensors", "train_state.pt"]
     assert torch.load(out / "train_state.pt", weights_only=True)["epoch"] == 2
 
 

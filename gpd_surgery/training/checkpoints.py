@@ -67,7 +67,7 @@ class RunFolder:
         return self.path(TEACHER_FILE if self.gpd else STUDENT_FILE)
 
     def write(self, model: nn.Module, opt: torch.optim.Optimizer, epoch: int, step: int,
-              history: list[dict[str, Any]], env: DistEnv) -> None:
+              history: list[dict[str, Any]], env: DistEnv, extra: dict[str, Any] | None = None) -> None:
         """Write the checkpoint of ``epoch``: the checkpoint file (teacher, or student when plain) and its state.
 
         Two files cannot be replaced together atomically, so a kill may fall between the writes; their order
@@ -75,13 +75,14 @@ class RunFolder:
         digest of the tensors about to be written; (2) the checkpoint file is replaced; (3) the new state is
         renamed over ``train_state.pt``. Killed before (2) is complete, ``train_state.pt`` still matches the
         previous checkpoint file; killed between (2) and (3), ``train_state.next.pt`` matches the new one.
-        ``--resume`` takes the state whose digest matches the checkpoint file (``resume_state``)."""
+        ``--resume`` takes the state whose digest matches the checkpoint file (``resume_state``). ``extra``: more
+        state of the run (the student's EMA, the fp16 gradient scaler), saved with the rest."""
         if env.main:
             tensors = model.file_tensors()
             state = {
                 "format": STATE_FORMAT, "version": STATE_VERSION, "epoch": epoch, "step": step,
                 "optimizer": opt.state_dict(), "history": history, "identity": self.identity,
-                "checkpoint_sha256": tensors_digest(tensors),
+                "checkpoint_sha256": tensors_digest(tensors), **(extra or {}),
             }
             atomic_write(self.path(NEXT_STATE_FILE), lambda f: torch.save(state, f), durable=True, overwrite=True)
             if self.gpd:

@@ -22,9 +22,9 @@ import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from ..errors import GPDError, first_line
+from .normalization import Normalization
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
 
 def synthetic(num_classes: int, image_size: int, train_size: int = 4000, val_size: int | None = None,
@@ -75,27 +75,19 @@ def _samples(protos: torch.Tensor, n: int, g: torch.Generator) -> TensorDataset:
     return TensorDataset(x.float(), labels)
 
 
-def image_folder(root: str, image_size: int, val_fraction: float = 0.1, seed: int = 0, augment: str = "crop-flip"
+def image_folder(root: str, image_size: int, val_fraction: float = 0.1, seed: int = 0, augment: str = "crop-flip",
+                 norm: Normalization | None = None, rand_augment: str | None = None, reprob: float = 0.0
                  ) -> tuple[Dataset, Dataset | None, list[str]]:
     """``root/train/CLASS/IMAGE`` (and ``root/val/CLASS/IMAGE`` when present), or ``root/CLASS/IMAGE`` with a
     held-out fraction for validation. Returns the train and validation sets and the class names. Every image is
-    checked first (``check_images``): a bad one is refused, named."""
-    try:
-        from torchvision import transforms
-    except ImportError:  # pragma: no cover - torchvision is an optional dependency
-        raise GPDError("reading an image folder needs torchvision: pip install 'gpd-surgery[vision]'") from None
+    checked first (``check_images``): a bad one is refused, named. ``norm``: the model's mean, std, interpolation
+    and crop (``normalization.resolve``); ``augment`` ``timm``: timm's ``create_transform`` (random resized crop,
+    flip, ``rand_augment`` such as ``rand-m9-mstd0.5``, random erasing with probability ``reprob``)."""
     if not os.path.exists(root):
         raise GPDError(f"dataset {root} does not exist (give a folder with train/CLASS/IMAGE files, or 'synthetic')")
     if not os.path.isdir(root):
         raise GPDError(f"dataset {root} is not a folder (give a folder with train/CLASS/IMAGE files, or 'synthetic')")
-    norm = [transforms.ToTensor(), transforms.Normalize(MEAN, STD)]
-    plain = transforms.Compose([transforms.Resize((image_size, image_size)), *norm])
-    aug: list[Any] = [transforms.Resize((image_size, image_size))]
-    if augment in ("crop", "crop-flip"):
-        aug.append(transforms.RandomCrop(image_size, padding=max(1, image_size // 8), padding_mode="reflect"))
-    if augment == "crop-flip":
-        aug.append(transforms.RandomHorizontalFlip())
-    train_tf = transforms.Compose(aug + norm)
+    train_tf, plain = transforms_for(image_size, norm or Normalization(), augment, rand_augment, reprob)
     train_dir = os.path.join(root, "train")
     split = os.path.isdir(train_dir)
     train_root = train_dir if split else root
@@ -120,6 +112,38 @@ def image_folder(root: str, image_size: int, val_fraction: float = 0.1, seed: in
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
     evaluation = ImageFiles(classes, samples, plain)
     return Subset(train, order[n_val:]), Subset(evaluation, order[:n_val]), classes
+
+
+def transforms_for(image_size: int, norm: Normalization, augment: str = "crop-flip", rand_augment: str | None = None,
+                   reprob: float = 0.0) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
+    """The training and the evaluation transforms of an image folder."""
+    try:
+        from torchvision import transforms
+    except ImportError:  # pragma: no cover - torchvision is an optional dependency
+        raise GPDError("reading an image folder needs torchvision: pip install 'gpd-surgery[vision]'") from None
+    if augment == "timm":
+        try:
+            from timm.data import create_transform
+        except ImportError:
+            raise GPDError("--augment timm needs timm: pip install 'gpd-surgery[timm]'") from None
+        common = dict(input_size=image_size, interpolation=norm.interpolation, mean=norm.mean, std=norm.std)
+        train_tf = create_transform(is_training=True, auto_augment=rand_augment or None, re_prob=reprob, **common)
+        plain = create_transform(is_training=False, crop_pct=norm.crop_pct or 1.0, **common)
+        return train_tf, plain
+    mode = transforms.InterpolationMode(norm.interpolation)
+    tail = [transforms.ToTensor(), transforms.Normalize(norm.mean, norm.std)]
+    if norm.crop_pct is None:  # no configuration: the whole image, squeezed to the square
+        resize = [transforms.Resize((image_size, image_size), interpolation=mode)]
+    else:  # as the weights were evaluated: the shorter side to size / crop_pct, the centre cropped
+        resize = [transforms.Resize(int(math.floor(image_size / norm.crop_pct)), interpolation=mode),
+                  transforms.CenterCrop(image_size)]
+    aug: list[Any] = list(resize)
+    if augment in ("crop", "crop-flip"):
+        aug.append(transforms.RandomCrop(image_size, padding=max(1, image_size // 8), padding_mode="reflect"))
+    if augment == "crop-flip":
+        aug.append(transforms.RandomHorizontalFlip())
+    train_tf = transforms.Compose(aug + tail + ([transforms.RandomErasing(p=reprob)] if reprob > 0 else []))
+    return train_tf, transforms.Compose(resize + tail)
 
 
 class ImageReadError(GPDError):

@@ -27,9 +27,10 @@ from .checkpoints import TEACHER_FILE
 from .config import TrainConfig
 from .loop import train
 from .models import num_outputs
+from .normalization import Normalization, resolve
 from .report import Reporter
 
-AUGMENTS = ("none", "crop", "crop-flip")
+AUGMENTS = ("none", "crop", "crop-flip", "timm")
 
 
 @dataclass
@@ -49,9 +50,14 @@ class TrainRequest:
     synthetic_size: int = 4000
     val_fraction: float = 0.1
     augment: str = "crop-flip"
+    rand_augment: str | None = None  # timm's auto-augment policy, e.g. rand-m9-mstd0.5 (--augment timm)
+    reprob: float = 0.0  # random erasing probability
+    mean: str | None = None  # --mean R,G,B: overrides the model's own
+    std: str | None = None
     static_teacher: str | None = None
     static_weights: str | None = None
     static_model_args: list[str] = field(default_factory=list)
+    recipe: str | None = None  # recorded: a resume must use the same
     resume: bool = False
     force: bool = False
     trust_pickle: bool = False
@@ -74,6 +80,7 @@ class TrainJob:
     static: nn.Module | None
     identity: dict[str, Any]
     source: dict[str, Any]
+    normalization: Normalization
 
     def run(self, reporter: Reporter | None = None) -> dict[str, Any]:
         q = self.request
@@ -107,12 +114,14 @@ def prepare(q: TrainRequest, config: TrainConfig, step: Step, note: Callable[[st
     scratch = not q.weights and plan is None and not q.resume
     m = load_student(model, None if q.resume else q.weights, args, q.trust_pickle, plan, note,
                      init_seed=config.seed if scratch else None)
+    norm = resolve(m, model, q.mean, q.std)
     step(f"loading the data ({q.data})")
-    if q.data == "synthetic":
+    if q.data == "synthetic":  # already standardized tensors: no normalization applies
         k = num_outputs(m, shape)
         train_set, val_set = datasets.synthetic(k, size, q.synthetic_size, seed=q.data_seed)
     else:
-        train_set, val_set, classes = datasets.image_folder(q.data, size, q.val_fraction, q.data_seed, q.augment)
+        train_set, val_set, classes = datasets.image_folder(q.data, size, q.val_fraction, q.data_seed, q.augment,
+                                                            norm, q.rand_augment, q.reprob)
         k = len(classes)
     static = None
     if q.static_teacher:
@@ -123,12 +132,16 @@ def prepare(q: TrainRequest, config: TrainConfig, step: Step, note: Callable[[st
     if scratch:
         source["init_seed"] = config.seed  # `gpd verify TEACHER` rebuilds the same random student
     return TrainJob(q, config, model, m, train_set, val_set, k, shape, ratio, kinds, static,
-                    _identity(q, model, args, size), source)
+                    _identity(q, model, args, size, norm), source, norm)
 
 
 def _check_options(q: TrainRequest, config: TrainConfig) -> None:
     if q.augment not in AUGMENTS:
-        raise GPDError(f"unknown --augment {q.augment!r}: choose none, crop or crop-flip")
+        raise GPDError(f"unknown --augment {q.augment!r}: choose {', '.join(AUGMENTS)}")
+    if q.rand_augment and q.augment != "timm":
+        raise GPDError("--rand-augment needs --augment timm (timm's create_transform)")
+    if not 0 <= q.reprob <= 1:
+        raise GPDError(f"--reprob must be in [0, 1], got {q.reprob}")
     if q.teacher and (q.resume or config.plain):
         raise GPDError(f"--teacher does not go with {'--resume' if q.resume else '--plain'}")
     if q.static_weights and not q.static_teacher:
@@ -159,13 +172,17 @@ def _image_size(q: TrainRequest, plan: Plan | None) -> int:
     return q.image_size or (planned[-1] if len(planned) == 4 else (32 if q.data == "synthetic" else 224))
 
 
-def _identity(q: TrainRequest, model: str, args: dict[str, Any], size: int) -> dict[str, Any]:
+def _identity(q: TrainRequest, model: str, args: dict[str, Any], size: int, norm: Normalization) -> dict[str, Any]:
     """What the result depends on beyond ``TrainConfig``: a resume must have the same."""
     identity = {"model": model, "model_args": args, "data": q.data, "image_size": size, "data_seed": q.data_seed}
     if q.data == "synthetic":
         identity["synthetic_size"] = q.synthetic_size
     else:
-        identity.update(val_fraction=q.val_fraction, augment=q.augment)
+        identity.update(val_fraction=q.val_fraction, augment=q.augment, normalization=norm.as_dict())
+        if q.augment == "timm" or q.reprob:
+            identity.update(rand_augment=q.rand_augment, reprob=q.reprob)
     if q.static_teacher:
         identity["static_teacher"] = q.static_teacher
+    if q.recipe:
+        identity["recipe"] = q.recipe
     return identity

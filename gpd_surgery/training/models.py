@@ -101,6 +101,30 @@ class PlainModel(nn.Module):
         return {k: v.detach().cpu().contiguous() for k, v in self.student.state_dict().items()}
 
 
+# The official code's from-scratch values of its OREPA branch scales (its "origin" and "avg" branches 0.25, "1x1-kxk"
+# 0.5, "1x1" 0.05), by the branch of ours that plays the same part; the official code has no linear branches, whose
+# 0.25 is ours.
+ACTIVE_SCALES = {"kxk": 0.25, "avg": 0.25, "1x1_kxk": 0.5, "1x1": 0.05, "lowrank": 0.25, "full": 0.25}
+
+
+def activate_branches(model: GPDModel) -> int:
+    """Branch scales at ``ACTIVE_SCALES`` instead of 0 (``--branch-init active``, training from scratch): the
+    branches train from the first step, and the teacher (and the student, which collapses the merged kernels) no
+    longer computes the random student it was expanded from, which from scratch does not matter. Returns the
+    number of scale tensors set."""
+    from ..branches import PREFIX
+
+    n = 0
+    with torch.no_grad():
+        for name, p in model.teacher.named_parameters():
+            leaf = name.rpartition(".")[2]
+            if leaf.startswith(PREFIX) and leaf.endswith("_scale"):
+                kind = leaf[len(PREFIX):-len("_scale")]
+                p.fill_(ACTIVE_SCALES[kind])
+                n += 1
+    return n
+
+
 def logits(y: Any) -> Any:
     """A classifier's logits from its output: the tensor itself, the first of a tuple (auxiliary heads), or a
     Hugging Face output's ``logits``."""

@@ -22,6 +22,9 @@ class Reporter:
     def finish(self, result: dict[str, Any]) -> None:
         """The run's result, as ``Trainer.run`` returns it."""
 
+    def note(self, message: str) -> None:
+        """Something the user should know that does not stop the run (a missing optional package)."""
+
 
 def _pair(m: dict[str, float], who: str) -> str:
     return f"{m[who + '_loss']:.3f} / {100 * m[who + '_acc']:.1f}%"
@@ -36,17 +39,22 @@ def format_metrics(m: dict[str, float]) -> str:
 class ConsoleReporter(Reporter):
     """A rich progress bar with live loss and accuracy of teacher and student, and one line per epoch."""
 
-    def __init__(self, console: Any) -> None:
+    def __init__(self, console: Any, intro: list[str] | None = None) -> None:
         self.console = console
+        self.intro = intro or []  # lines printed when training starts, after the checks
         self.progress: Any = None
         self.task: Any = None
 
     def start(self, info: dict[str, Any]) -> None:
         if info["mode"] == "gpd":
-            what = (f"GPD: dynamic teacher ({info['params']:,} parameters) and student "
+            times = info["params"] / max(1, info["student_params"])
+            what = (f"GPD: dynamic teacher ({info['params']:,} parameters, {times:.1f}x the student; "
+                    f"{info['checkpoint_bytes'] / 2**20:,.1f} MiB per checkpoint) and student "
                     f"({info['student_params']:,}, shared)")
         else:
             what = f"the student alone ({info['params']:,} parameters)"
+        for line in self.intro:
+            self.console.print(line, highlight=False, soft_wrap=True)
         procs = f" x {info['world_size']} processes" if info["world_size"] > 1 else ""
         self.console.print(f"training {what} on {info['device']}{procs}; {info['train_samples']:,} training and "
                            f"{info['val_samples']:,} validation samples, {info['steps_per_epoch']} steps per epoch",
@@ -79,6 +87,10 @@ class ConsoleReporter(Reporter):
 
     def finish(self, result: dict[str, Any]) -> None:
         self.close()
+
+    def note(self, message: str) -> None:
+        self.close()
+        self.console.print(message, highlight=False, soft_wrap=True)
 
     def close(self) -> None:
         if self.progress is not None:
