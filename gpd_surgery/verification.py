@@ -272,6 +272,14 @@ class _Record(fx.Interpreter):
         self.values: dict[str, torch.Tensor] = {}
         self.scales: dict[str, float] = {}
         self.mutated: set[str] = set()  # recorded values that a later node wrote into (their version moved)
+        self.versions: dict[str, int] = {}
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        out = super().run(*args, **kwargs)
+        # Written through an alias after it was recorded: nn.Identity's output (the same tensor) or a view, fed
+        # to ReLU(inplace=True), moves the version of the value recorded before it.
+        self.mutated.update(k for k, v in self.versions.items() if self.values[k]._version != v)
+        return out
 
     def run_node(self, n: fx.Node) -> Any:
         held = [(a.name, self.values[a.name]) for a in n.all_input_nodes
@@ -281,6 +289,8 @@ class _Record(fx.Interpreter):
         self.mutated.update(name for (name, t), v in zip(held, versions) if t._version != v)
         if n.name in self.keep and isinstance(out, torch.Tensor) and out.is_floating_point():
             self.values[n.name] = out.clone() if n.name in self.changed else out
+            if n.name not in self.changed:
+                self.versions[n.name] = out._version
             self.scales[n.name] = _scale(out)
         return out
 
