@@ -122,3 +122,30 @@ def test_weight_standardised_convs_widen_exactly(ratio, branches):
     assert tuple(res.tensors["b.gain"].shape) == (width(12, ratio), 1, 1, 1)
     assert tuple(res.tensors["c.weight"].shape[:2]) == (width(12, ratio),) * 2
     assert not any(k.startswith(("b.branch", "c.branch")) for k in res.tensors)  # the rule takes no branches
+
+
+# -- grouped convs whose groups cannot widen: resnest's radix softmax --------------------------------------
+class Splat(nn.Module):
+    """timm's split attention (radix 2): a grouped conv whose groups are the radix, a softmax across them."""
+
+    def __init__(self, cardinality: int) -> None:
+        super().__init__()
+        from timm.layers.split_attn import SplitAttn
+
+        self.stem, self.head = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 5, 1)
+        self.attn = SplitAttn(8, 8, groups=cardinality, radix=2, norm_layer=nn.BatchNorm2d, rd_channels=4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stem(x)
+        return self.head(y + self.attn(y))
+
+
+@pytest.mark.parametrize("branches", BRANCHES)
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_radix_softmax_widens_the_channels_within_its_groups(ratio, branches):
+    pytest.importorskip("timm")
+    res, _ = check(Splat(2), (2, 3, 5, 5), ratio, branches)
+    conv = res.teacher().get_submodule("attn.conv")
+    assert conv.groups == 4  # cardinality x radix: the softmax runs across the radix, which keeps its size
+    assert tuple(res.tensors["attn.conv.weight"].shape[:2]) == (4 * width(4, ratio), width(2, ratio))
+    assert tuple(res.tensors["attn.fc2.weight"].shape[0:1]) == (4 * width(4, ratio),)

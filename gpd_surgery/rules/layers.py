@@ -22,16 +22,17 @@ from .registry import builtin
 
 def _conv_channels(ctx: Ctx, channel: Layout, W: list[Layout], n_groups: int, out_channels: int) -> Layout | None:
     """Relate a convolution's input channels to its weight: a dense conv shares its input copies and widens
-    its outputs; a grouped conv widens the number of groups (returned), channels within a group kept."""
+    its outputs; a grouped conv widens the number of groups (returned). Where its groups cannot widen
+    (resnest's radix, whose softmax runs across them), the channels within a group widen instead: within a
+    group the conv is dense (outputs copied, input copies sharing the weight), and the copies of a channel
+    stay in its group."""
+    ctx.spaces.mark_expandable(W[0])  # a product (groups x within): its groups widen first, see Spaces.finalize
     if n_groups == 1:
-        ctx.spaces.mark_expandable(W[0])
         ctx.unify(channel, W[1])
         return None
     groups = ctx.expandable(n_groups)
-    ctx.freeze(W[1], f"{BY_DESIGN}: channels within a group")
     ctx.unify(channel, Prod((groups, W[1])))
-    within = ctx.spaces.new(out_channels // n_groups, frozen=f"{BY_DESIGN}: channels within a group")
-    ctx.unify(W[0], Prod((groups, within)))
+    ctx.unify(W[0], Prod((groups, ctx.spaces.new(out_channels // n_groups))))
     return groups
 
 

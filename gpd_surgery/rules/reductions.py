@@ -18,7 +18,7 @@ from ..analyse import Ctx, Dims, NodeHook
 from ..layout import Layout
 from ..teacher_ops import copy_weights, is_uniform
 from ..trace import TensorSpec
-from .common import dim_index, first_tensor
+from .common import BY_DESIGN, dim_index, first_tensor
 from .elementwise import broadcast
 from .registry import builtin
 
@@ -103,5 +103,11 @@ def along_dim(ctx: Ctx) -> Dims:
         return ctx.unsupported(f"{ctx.node.target} without dim")
     module = ctx.node.op == "call_module"
     what = type(ctx.module(ctx.node)).__name__ if module else getattr(ctx.node.target, "__name__", ctx.node.target)
-    ctx.freeze(xd[dim_index(d, len(xd))], f"normalization along a channel dimension ({what})")
+    d = dim_index(d, len(xd))
+    # Along groups whose channels are another dim (resnest's radix softmax over (B, radix, cardinality, C)): the
+    # groups keep their size and the channels within them widen, as attention's head_dim and heads do.
+    free = any(ctx.spaces.frozen[leaf] is None and ctx.spaces.size[leaf] > 1
+               for i, lay in enumerate(xd) if i != d for leaf in ctx.spaces.leaves(lay))
+    reason = f"normalization along a channel dimension ({what})"
+    ctx.freeze(xd[d], f"{BY_DESIGN}: {reason}, the channels of its other dims widen" if free else reason)
     return list(xd)
