@@ -208,6 +208,8 @@ def main() -> int:
     p.add_argument("--verify-reps", type=int, default=3)
     p.add_argument("--verify-inputs", type=int, default=1, help="random inputs per verify (the CLI's default is 3)")
     p.add_argument("--train-reps", type=int, default=8, help="timed training steps of each kind (after 2 warm-up)")
+    p.add_argument("--amp-reps", type=int, default=4,
+                   help="timed training steps under bf16 autocast (gpd train --amp bf16), for information (0: skip)")
     p.add_argument("--caching-malloc-reps", type=int, default=6,
                    help="timed training steps with glibc's malloc keeping freed memory, for information (0: skip)")
     p.add_argument("--durable-reps", type=int, default=3,
@@ -308,6 +310,14 @@ def main() -> int:
             rows.append(Row("train", f"{label} GPD step", t["gpd"], t["separate"], ".3f", " s",
                             "teacher + student steps, separate modules", TARGETS["train_step"]))
             details[f"train {label}"] = {"tool": t, "summary": r["summary"]}
+            if args.amp_reps:  # gpd train --amp bf16: the one mixed precision a CPU runs (fp16 is for GPUs)
+                print(f"  train {label} under bf16 autocast: 2 warm-up + {args.amp_reps} steps", flush=True)
+                r = work("train", {**a, "reps": args.amp_reps, "amp": "bf16", "kinds": ["gpd", "separate"]}, load,
+                         timeout=1200)
+                t = {k: Stat(v) for k, v in r["times"].items()}
+                rows.append(Row("train", f"{label} GPD step, --amp bf16 (info)", t["gpd"], t["separate"], ".3f",
+                                " s", "the same, both under bf16 autocast"))
+                details[f"train {label}, bf16"] = {"tool": t, "summary": r["summary"]}
             if args.caching_malloc_reps:
                 print(f"  train {label} with a caching malloc: 2 warm-up + {args.caching_malloc_reps} steps",
                       flush=True)

@@ -215,7 +215,9 @@ def verify(a: dict[str, Any]) -> dict[str, Any]:
 
 def train(a: dict[str, Any]) -> dict[str, Any]:
     """Training steps, interleaved: the GPD step (teacher and student view over shared parameters, one loss,
-    one backward, one optimizer) against the teacher and a plain student as separate modules."""
+    one backward, one optimizer) against the teacher and a plain student as separate modules. ``amp``: ``bf16``
+    or ``fp16`` runs every forward of both kinds under autocast (gpd train --amp); parameters stay float32."""
+    import contextlib
     import copy
     import statistics
 
@@ -247,21 +249,30 @@ def train(a: dict[str, Any]) -> dict[str, Any]:
 
     sep = Separate()
     sep_opt = make_optimizer(sep, config)
+    amp = a.get("amp", "off")
+
+    def cast() -> Any:
+        if amp == "off":
+            return contextlib.nullcontext()
+        return torch.autocast("cpu", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
     g = torch.Generator().manual_seed(1)
     x = torch.randn((a["batch"],) + shape[1:], generator=g)
     y = torch.randint(0, a["classes"], (a["batch"],), generator=g)
 
     def gpd_step() -> None:
         gpd_opt.zero_grad(set_to_none=True)
-        t, s = gpd(x)
+        with cast():
+            t, s = gpd(x)
         loss, _ = loss_fn(t, s, y)
         loss.backward()
         gpd_opt.step()
 
     def separate_step() -> None:
         sep_opt.zero_grad(set_to_none=True)
-        t = sep.teacher(x)
-        s = sep.student(x)
+        with cast():
+            t = sep.teacher(x)
+            s = sep.student(x)
         loss, _ = loss_fn(t, s, y)  # the same terms: teacher CE, student CE + lambda KL(s, t.detach())
         loss.backward()
         sep_opt.step()
@@ -276,11 +287,15 @@ def train(a: dict[str, Any]) -> dict[str, Any]:
 
     def teacher_step() -> None:
         sep_opt.zero_grad(set_to_none=True)
-        F.cross_entropy(sep.teacher(x), y).backward()
+        with cast():
+            out = sep.teacher(x)
+        F.cross_entropy(out.float(), y).backward()
 
     def student_step() -> None:
         sep_opt.zero_grad(set_to_none=True)
-        F.cross_entropy(sep.student(x), y).backward()
+        with cast():
+            out = sep.student(x)
+        F.cross_entropy(out.float(), y).backward()
 
     steps = {"gpd": gpd_step, "separate": separate_step, "collapse": collapse_only,
              "teacher_fwd_bwd": teacher_step, "student_fwd_bwd": student_step}

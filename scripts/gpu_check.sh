@@ -35,4 +35,18 @@ for spec in resnet50 mobilenet_v3_large efficientnet_b0 vit_b_16 swin_t convnext
       || echo "| $spec | $1 | $2 | error | | | | | |" >> "$OUT/gpu.md"
   done
 done
+{
+  echo
+  echo "## gpd train --amp: the GPD step against separate teacher + student steps"
+  echo
+  echo "Batch 64 at 224x224, ratio 2, default branches, channels-last; median of 10 steps after 3 warm-up;"
+  echo "each cell: GPD step / separate steps (ratio)."
+  echo
+  echo "| model | --amp off | --amp bf16 | --amp fp16 |"
+  echo "|---|---:|---:|---:|"
+} >> "$OUT/gpu.md"
+for spec in resnet18 resnet50 mobilenet_v3_large vit_b_16; do
+  timeout 240 $PY scripts/gpu_one.py amp "$spec" >> "$OUT/gpu.md" 2>> "$OUT/errors.log" \
+    || echo "| $spec | error | | |" >> "$OUT/gpu.md"
+done
 cat "$OUT/gpu.md"
