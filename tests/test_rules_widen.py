@@ -27,11 +27,12 @@ RATIOS = [2, 3, 1.5]
 BRANCHES = [(), "default"]
 
 
-def check(model: nn.Module, shape: tuple[int, ...], ratio: float, branches: str | tuple = (), seed: int = 0):
+def check(model: nn.Module, shape: tuple[int, ...], ratio: float, branches: str | tuple = (), seed: int = 0,
+          capture: str = "auto"):
     """Expand a randomly initialised ``model`` and verify it; the collapse gives the student back. Returns the
     expansion and the float64 relative error of the outputs."""
     model = random_init(model, seed)
-    res = expand(model, shape, ratio, seed=seed, branches=branches)
+    res = expand(model, shape, ratio, seed=seed, branches=branches, capture=capture)
     report = verify(model, res.plan, res.tensors, shape, device="cpu", n_inputs=1)
     assert report.passed and not report.constant_output, report.to_dict()
     f64 = next(c.max_rel for c in report.checks if c.dtype == "float64")
@@ -183,3 +184,43 @@ def test_eca_gate_runs_at_the_students_width_and_the_stream_widens(ratio):
     assert tuple(res.tensors["conv.weight"].shape[:2]) == (width(8, ratio),) * 2
     assert tuple(res.tensors["eca.conv.weight"].shape) == (1, 1, 3)  # the gate's own conv keeps its size
     assert any("along a channel dimension" in u for u in res.summary()["unsupported_ops"])
+
+
+# -- timm's own blocks: the factor at ratio 2 ---------------------------------------------------------------
+def _poolformer() -> nn.Module:
+    from timm.models.metaformer import MetaFormer
+    from timm.layers import GroupNorm1
+
+    return MetaFormer(depths=(1, 1), dims=(8, 16), downsample_norm=None, mlp_act=nn.GELU, mlp_bias=True,
+                      norm_layers=GroupNorm1, layer_scale_init_values=1e-5, res_scale_init_values=None,
+                      use_mlp_head=False, num_classes=5)
+
+
+def _block(name: str) -> nn.Module:
+    """One of timm's bottlenecks between a stem and a head, 16 channels."""
+    import functools
+
+    from timm.layers import EcaModule, ScaledStdConv2d
+    from timm.models.nfnet import NormFreeBlock
+    from timm.models.resnest import ResNestBottleneck
+    from timm.models.resnet import Bottleneck
+
+    block = {
+        "resnest": lambda: ResNestBottleneck(16, 4, radix=2, avd=True),
+        "eca": lambda: Bottleneck(16, 4, attn_layer=EcaModule),
+        "nf": lambda: NormFreeBlock(16, 16, bottle_ratio=0.25, conv_layer=functools.partial(ScaledStdConv2d, eps=1e-8),
+                                    act_layer=nn.ReLU, alpha=0.2, beta=0.7),
+    }[name]()
+    return nn.Sequential(nn.Conv2d(3, 16, 1), block, nn.Conv2d(16, 5, 1))
+
+
+# Measured before these rules (timm families at ratio 2): poolformer_s12 1.79x, resnest14d 2.23x, ecaresnet26t
+# 2.49x, nf_resnet26 1.00x. NormFreeBlock is a leaf timm declares for fx (run at the student's width there):
+# captured by torch.export, its convs widen.
+@pytest.mark.parametrize("name, shape, capture, least", [
+    ("poolformer", (1, 3, 16, 16), "auto", 3.3), ("resnest", (1, 3, 8, 8), "auto", 3.3),
+    ("eca", (1, 3, 8, 8), "auto", 3.1), ("nf", (1, 3, 8, 8), "export", 3.1)])
+def test_timm_blocks_widen(name, shape, capture, least):
+    pytest.importorskip("timm")
+    res, _ = check(_poolformer() if name == "poolformer" else _block(name), shape, 2, capture=capture)
+    assert res.summary()["param_ratio"] >= least
