@@ -283,8 +283,9 @@ def plan_branches(plan: Plan, student: Student, kinds: tuple[str, ...]) -> None:
     teacher_weights = {r.key for r in plan.recipes if r.kind == "param" and r.teacher}
     for node in student.gm.graph.nodes:
         key = f"{node.target}.weight"
-        if (node.op != "call_module" or key not in teacher_weights
-                or student.analysis.rules.lookup(node, student.gm) not in (conv, linear)):
+        rule = student.analysis.rules.lookup(node, student.gm) if node.op == "call_module" else None
+        # A rule whose teacher module convolves with a merged kernel says so (``takes_branches``).
+        if key not in teacher_weights or not (rule in (conv, linear) or getattr(rule, "takes_branches", False)):
             continue
         fit = branches.applicable(kinds, student.gm.get_submodule(node.target))
         if fit:
