@@ -12,6 +12,7 @@ from torch import nn
 
 from conftest import random_init
 from gpd_surgery import collapse, expand
+from gpd_surgery.teacher_ops import FoldedStdConv
 from gpd_surgery.verification import verify
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -125,13 +126,34 @@ def test_weight_standardised_convs_widen_exactly(ratio, branches):
     pytest.importorskip("timm")
     res, _ = check(StdConvs(), (2, 3, 11, 11), ratio, branches)
     teacher = res.teacher()
-    # a: its input is the graph's (nothing to fold); b, c, d: dense inputs widened, standardised as folded rows
-    assert [type(teacher.get_submodule(k)).__name__ for k in "abcd"] == ["ScaledStdConv2d"] + ["FoldedStdConv"] * 3
+    assert all(isinstance(teacher.get_submodule(k), FoldedStdConv) for k in "abcde")  # rows standardised as folded
     assert teacher.get_submodule("e").groups == width(3, ratio)  # grouped: its groups widen, rows copied
     assert tuple(res.tensors["b.gain"].shape) == (width(12, ratio), 1, 1, 1)
     assert tuple(res.tensors["c.weight"].shape[:2]) == (width(12, ratio),) * 2
-    assert not any(k.startswith(("b.branch", "c.branch")) for k in res.tensors)  # the rule takes no branches
+    # With branches the merged kernel is standardised (checked by verify above), and collapse merges then folds.
+    assert ("b.branch_kxk_scale" in res.tensors) == bool(branches)
 
+
+
+def test_branches_of_a_weight_standardised_conv_merge_before_standardising():
+    """At ratio 1 a teacher with branches is its student's architecture over merged kernels: with the branches'
+    scales nonzero, the teacher must equal the extracted student (merged, then standardised by its own class)."""
+    pytest.importorskip("timm")
+    import copy
+
+    model = random_init(StdConvs()).double()
+    res = expand(model, (2, 3, 11, 11), 1, branches="default")
+    g = torch.Generator().manual_seed(5)
+    for k in [k for k in res.tensors if k.endswith("_scale")]:
+        res.tensors[k] = torch.randn(res.tensors[k].shape, generator=g, dtype=torch.float64)
+    teacher = res.teacher().double()
+    extracted = copy.deepcopy(model)
+    extracted.load_state_dict(collapse(res.plan, res.tensors), strict=True)
+    x = torch.randn(2, 3, 11, 11, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        y, ref, before = teacher(x), extracted(x), model(x)
+    assert ((y - ref).abs().max() / ref.abs().max()).item() <= 1e-12
+    assert ((ref - before).abs().max() / before.abs().max()).item() > 1e-3  # the branches did change the function
 
 # -- grouped convs whose groups cannot widen: resnest's radix softmax --------------------------------------
 class Splat(nn.Module):

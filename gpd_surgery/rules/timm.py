@@ -12,6 +12,7 @@ from timm.layers import norm_act as _norm_act
 from timm.layers import std_conv as _std_conv
 from timm.layers.conv2d_same import Conv2dSame as _Conv2dSame
 from timm.layers.padding import pad_same
+import torch
 from torch import nn
 
 from ..analyse import Ctx, Dims
@@ -37,17 +38,21 @@ def std_conv(ctx: Ctx) -> Dims:
     if isinstance(getattr(m, "gain", None), nn.Parameter):
         ctx.unify(ctx.param(f"{ctx.node.target}.gain", ["copy"])[0], W[0])
 
-    def build(t: nn.Module, size: Any) -> nn.Module | None:
+    def build(t: nn.Module, size: Any) -> nn.Module:
         conv_build(t, size, xd[c], W, groups)
-        src = size.src(W[1])
-        if src is None:  # each row's fan-in is the student's: its statistics are too
-            return None
+        src = size.src(W[1])  # None: each row's fan-in is the student's, folding changes nothing
+        student = size.student(W[1])
         pad = functools.partial(pad_same, kernel_size=t.kernel_size, stride=t.stride, dilation=t.dilation) \
             if getattr(t, "same_pad", False) else None
-        return FoldedStdConv(t, src, size.student(W[1]), pad)
+        # Always FoldedStdConv: with branches its _conv_forward standardises the merged kernel, where the
+        # student's class would convolve with it as it is.
+        return FoldedStdConv(t, torch.arange(student) if src is None else src, student, pad)
 
     ctx.on_build_module(build)
     return conv_output(ctx, xd, c, W[0])
+
+
+std_conv.takes_branches = True  # type: ignore[attr-defined]  # see expansion.plan_branches
 
 
 # Leaves: StdConv2d and ScaledStdConv2d are traced through otherwise, their standardisation a batch_norm over a
