@@ -172,7 +172,7 @@ EXPECTED = {
     "swinv2": (3.6, 0, []), "focalnet": (3.25, 0, []),
     "hiera": (2.8, 0, []), "pvt": (3.25, 0, []), "pvt_v2": (3.25, 0, []), "segformer": (3.3, 0, []),
     "cvt": (3.25, 0, []), "levit": (3.75, 0, []),
-    "poolformer": (1.3, 0, []),  # GroupNorm(1, C) keeps its channels by design
+    "poolformer": (3.2, 0, []),  # GroupNorm(1, C): its channels widen within the group
     "swiftformer": (3.1, 4, ["repeat with computed or fewer counts than dims"]),
     "convnextv2": (3.15, 0, []), "upernet": (3.75, 0, []), "regnet": (2.7, 0, []),
     "bit": (1.0, 31, ["a convolution function with a computed weight", "torch.nn.functional.batch_norm"]),
@@ -197,8 +197,6 @@ PENDING = {
                     "a widened dim, as a norm weighted by 1 / copies", lambda r: not r["unsupported"] and not r["frozen"]),
     "dinov3_vit": ("rules/shapes.py: x.tile(reps) with fewer reps than dims (RoPE's sin/cos table)",
                    lambda r: not r["unsupported"]),
-    "poolformer": ("rules/norms.py: GroupNorm's channels within a group widen as LayerNorm's do (each channel as "
-                   "often, or weighted statistics at fractional ratios)", lambda r: r["factor"] >= 3.0),
 }
 
 
