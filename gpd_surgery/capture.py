@@ -73,6 +73,7 @@ def capture(model: nn.Module, inputs: Inputs, how: str, rules: Any, force: bool 
     where = f"a forward at input shape {describe(inputs)}"
     hint = "use a smaller --input-shape or --input"
     failed: TraceError | None = None
+    fx_captured: Captured | None = None  # fx's graph, where export is tried for what fx kept opaque
     if hasattr(rules, "load_library_rules"):
         rules.load_library_rules(model)
     if how in ("auto", "fx"):
@@ -81,7 +82,9 @@ def capture(model: nn.Module, inputs: Inputs, how: str, rules: Any, force: bool 
             ordered = _fx_order(gm, inputs)
             check_memory(forward_bytes(gm, ordered, dtype), force, where, hint)
             propagate(gm, make(ordered, dtype), model, ordered)
-            return Captured(gm, ordered, "fx")
+            fx_captured = Captured(gm, ordered, "fx")
+            if how == "fx" or not _opaque_leaves(gm, rules):
+                return fx_captured
         except TraceError as e:
             if how == "fx":
                 raise
@@ -99,9 +102,22 @@ def capture(model: nn.Module, inputs: Inputs, how: str, rules: Any, force: bool 
         except TraceError as e:  # not the input's fault (propagate raises that at once)
             error = e
     assert error is not None
+    if fx_captured is not None:  # fx captured it, with leaves that export could not open either
+        return fx_captured
     if failed is None:
         raise error
     raise TraceError(f"{first_line(failed, 1000)}; torch.export failed too: {first_line(error, 300)}") from None
+
+
+def _opaque_leaves(gm: fx.GraphModule, rules: Any) -> list[str]:
+    """Modules that fx kept whole only because their library marks them untraceable (timm's notrace modules)
+    and that no rule knows: they would run at the student's width, where torch.export can trace through them."""
+    from .trace import leaf_modules_and_wrapped
+
+    marked = tuple(leaf_modules_and_wrapped(gm)[0])
+    knows = getattr(rules, "knows_module", lambda m: False)
+    return [str(n.target) for n in gm.graph.find_nodes(op="call_module")
+            if marked and isinstance(m := gm.get_submodule(str(n.target)), marked) and not knows(m)]
 
 
 def check_input_shape(x: torch.Tensor, shape: tuple[int, ...], name: str) -> None:

@@ -192,6 +192,30 @@ def test_an_exported_teacher_runs_at_other_batch_sizes():
     assert teacher is not None
 
 
+def test_auto_traces_through_a_library_leaf_that_no_rule_knows():
+    """timm marks blocks fx cannot trace (TinyVitBlock, MobileVitBlock) as leaves: without a rule they would run
+    at the student's width, so auto captures with torch.export, which traces through them."""
+    register_notrace_module = pytest.importorskip("timm.layers").register_notrace_module
+
+    @register_notrace_module
+    class Opaque(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+
+        def forward(self, x):
+            return x + self.fc2(torch.relu(self.fc1(x)))
+
+    torch.manual_seed(0)
+    model = randomize(nn.Sequential(nn.Linear(5, 8), Opaque(), nn.Linear(8, 3))).double()
+    auto = api.expand(model, (2, 4, 5), 2.0)
+    fx = api.expand(model, (2, 4, 5), 2.0, capture="fx")
+    assert auto.plan.source["capture"] == "export" and fx.plan.source["capture"] == "fx"
+    assert auto.tensors["1.fc1.weight"].shape == (32, 16) and fx.tensors["1.fc1.weight"].shape == (16, 8)
+    rep = verify(model, auto.plan, auto.tensors, device="cpu")
+    assert rep.passed and all(c.max_rel <= 1e-10 for c in rep.checks if c.dtype == "float64"), rep.to_dict()
+
+
 class AttentionOnInput(nn.Module):
     """nn.MultiheadAttention straight on a graph input: its width cannot widen, so neither may its heads."""
 
