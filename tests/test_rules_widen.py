@@ -184,14 +184,16 @@ def test_radix_softmax_widens_the_channels_within_its_groups(ratio, branches):
 
 # -- ECA: a Conv1d across the channels of a pooled vector runs at the student's width ---------------------
 class Eca(nn.Module):
-    """A residual stream gated by timm's ECA, then ECA again before the head."""
+    """A residual stream gated by timm's ECA (or CecaModule, which pads the channel vector circularly first),
+    then again before the head."""
 
-    def __init__(self) -> None:
+    def __init__(self, circular: bool = False) -> None:
         super().__init__()
-        from timm.layers import EcaModule
+        from timm.layers import CecaModule, EcaModule
 
+        gate = CecaModule if circular else EcaModule
         self.stem, self.conv, self.head = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 5, 1)
-        self.eca, self.eca2 = EcaModule(kernel_size=3), EcaModule(kernel_size=5)
+        self.eca, self.eca2 = gate(kernel_size=3), gate(kernel_size=5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.stem(x)
@@ -199,10 +201,11 @@ class Eca(nn.Module):
         return self.head(self.eca2(y))
 
 
+@pytest.mark.parametrize("circular", [False, True])
 @pytest.mark.parametrize("ratio", RATIOS)
-def test_eca_gate_runs_at_the_students_width_and_the_stream_widens(ratio):
+def test_eca_gate_runs_at_the_students_width_and_the_stream_widens(ratio, circular):
     pytest.importorskip("timm")
-    res, _ = check(Eca(), (2, 3, 5, 5), ratio)
+    res, _ = check(Eca(circular), (2, 3, 5, 5), ratio)
     assert tuple(res.tensors["conv.weight"].shape[:2]) == (width(8, ratio),) * 2
     assert tuple(res.tensors["eca.conv.weight"].shape) == (1, 1, 3)  # the gate's own conv keeps its size
     assert any("along a channel dimension" in u for u in res.summary()["unsupported_ops"])

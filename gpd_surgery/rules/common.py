@@ -43,3 +43,13 @@ def per_channel(ctx: Ctx, channel: Layout, names: tuple[str, ...]) -> None:
             ctx.unify(ctx.param(f"{ctx.node.target}.{n}", ["copy"])[0], channel)
         elif isinstance(t, torch.Tensor):
             ctx.param(f"{ctx.node.target}.{n}", [])
+
+
+def may_widen(ctx: Ctx, lay: Layout) -> bool:
+    """Whether ``lay`` may widen: an unfrozen space that a rule offered (a layer's outputs, groups)."""
+    sp = ctx.spaces
+    free = [leaf for leaf in sp.leaves(lay) if sp.frozen[leaf] is None and sp.size[leaf] > 1]
+    if not free:  # spatial dims, the usual case: frozen by design
+        return False
+    wanted = {leaf for w in sp.wants for leaf in sp.leaves(w)}
+    return any(sp.expandable[leaf] or leaf in wanted for leaf in free)

@@ -17,7 +17,7 @@ from torch import nn
 from ..analyse import Ctx, Dims
 from ..fallback import at_student_width
 from ..layout import Layout, Prod
-from .common import BY_DESIGN, attr_param, first_tensor, per_channel, spatial
+from .common import BY_DESIGN, attr_param, first_tensor, may_widen, per_channel, spatial
 from .registry import builtin
 
 
@@ -94,16 +94,6 @@ def conv_build(t: nn.Module, size: Any, channel: Layout, W: list[Layout], groups
     t.groups = size(groups) if groups is not None else 1
 
 
-def _may_widen(ctx: Ctx, lay: Layout) -> bool:
-    """Whether ``lay`` may widen: an unfrozen space that a rule offered (a layer's outputs, groups)."""
-    sp = ctx.spaces
-    free = [leaf for leaf in sp.leaves(lay) if sp.frozen[leaf] is None and sp.size[leaf] > 1]
-    if not free:  # spatial dims, the usual case: frozen by design
-        return False
-    wanted = {leaf for w in sp.wants for leaf in sp.leaves(w)}
-    return any(sp.expandable[leaf] or leaf in wanted for leaf in free)
-
-
 @builtin(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def conv(ctx: Ctx) -> Dims:
     """Dense convs share their input copies; grouped convs expand the number of groups. A conv whose kernel runs
@@ -112,7 +102,7 @@ def conv(ctx: Ctx) -> Dims:
     m = ctx.module(ctx.node)
     x = first_tensor(ctx)
     c = len(ctx.shape(x)) - len(m.kernel_size) - 1
-    if any(_may_widen(ctx, lay) for lay in ctx.dims(x)[c + 1 :]):
+    if any(may_widen(ctx, lay) for lay in ctx.dims(x)[c + 1 :]):
         return at_student_width(ctx, f"{type(m).__name__} along a channel dimension")
     xd, c, W, groups = conv_module(ctx)
     ctx.on_build_module(lambda t, size: conv_build(t, size, xd[c], W, groups))

@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..analyse import Ctx, Dims
+from ..fallback import at_student_width
 from ..layout import Cat, Layout, Prod
-from .common import BY_DESIGN, dim_index, first_tensor, spatial
+from .common import BY_DESIGN, dim_index, first_tensor, may_widen, spatial
 from .registry import builtin
 from .values import size_reads
 
@@ -355,8 +356,16 @@ def getitem(ctx: Ctx) -> Dims:
 
 def _padded(ctx: Ctx, widths: tuple[Any, ...] | list[Any], what: str) -> Dims:
     """Padding the last ``len(widths) // 2`` dims: a padded dim becomes a new spatial one (a padded channel
-    dim keeps its size: the padding would not be copies); the others pass through."""
+    dim keeps its size: the padding would not be copies); the others pass through. Padding a dim that may widen
+    (CecaModule pads its pooled channel vector for a conv along it) runs at the student's width instead."""
     xd = ctx.dims(first_tensor(ctx))
+    padded = [len(xd) - 1 - j for j in range(len(widths) // 2) if widths[2 * j] != 0 or widths[2 * j + 1] != 0]
+    if any(may_widen(ctx, xd[d]) for d in padded):
+        out = at_student_width(ctx, f"{what} along a channel dimension")
+        for d in padded:  # still channels: what runs along them next (a conv) must not make them spatial
+            if isinstance(out, list) and may_widen(ctx, xd[d]):
+                ctx.spaces.mark_expandable(out[d])
+        return out
     out = list(xd)
     shape = ctx.shape(ctx.node)
     for j in range(len(widths) // 2):
