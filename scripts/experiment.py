@@ -53,20 +53,20 @@ ROOT = os.path.dirname(HERE)
 FULL = {
     "num_samples": 30000, "train_fraction": 2 / 3, "val_fraction": 0.2, "width": 4, "wide": 16, "ratio": 2.0,
     "lam": 3.0, "epochs": 20, "batch_size": 128, "momentum": 0.9, "weight_decay": 5e-4,
-    "lr_grid": [0.05, 0.1, 0.2], "pilot_seeds": 2, "seeds": 8, "ablation_seeds": 4,
+    "lr_grid": [0.05, 0.1, 0.2, 0.4], "pilot_seeds": 2, "seeds": 8, "ablation_seeds": 3, "wide2x": False,
 }
-SMOKE = {**FULL, "num_samples": 1000, "epochs": 2, "lr_grid": [0.1], "pilot_seeds": 1, "seeds": 2,
+SMOKE = {**FULL, "wide2x": True, "num_samples": 1000, "epochs": 2, "lr_grid": [0.1], "pilot_seeds": 1, "seeds": 2,
          "ablation_seeds": 1, "pilot_widths": [4, 8]}
 PILOT_WIDTHS = [4, 8, 16]
-MAIN_ARMS = ["plain", "plain_efflr", "gpd", "kd", "gpd_static", "wide2x", "static"]
+MAIN_ARMS = ["plain", "plain_efflr", "gpd", "gpd_halflr", "kd", "gpd_static", "wide2x", "static"]
 ABLATIONS = {  # name: overrides of the gpd arm
-    "gpd_lam1": {"lam": 1.0}, "gpd_lam10": {"lam": 10.0},
+    "gpd_nobranch": {"branches": False}, "gpd_lam1": {"lam": 1.0}, "gpd_lam10": {"lam": 10.0},
     "gpd_r1.5": {"ratio": 1.5}, "gpd_r3": {"ratio": 3.0},
-    "gpd_nobranch": {"branches": False},
 }
 LABELS = {
     "plain": "plain (student alone)", "plain_efflr": "plain, dense weights at 2x lr (GPD's effective rate)",
-    "gpd": "GPD (ratio 2, branches, lambda 3)", "kd": "KD from the static wide teacher",
+    "gpd": "GPD (ratio 2, branches, lambda 3)", "gpd_halflr": "GPD at lr / 2 (student's dense rate = plain's)",
+    "kd": "KD from the static wide teacher",
     "gpd_static": "GPD + static teacher", "wide2x": "(plain at width 8)", "static": "(static teacher: plain, width 16)",
     "gpd_lam1": "GPD, lambda 1", "gpd_lam10": "GPD, lambda 10", "gpd_r1.5": "GPD, ratio 1.5",
     "gpd_r3": "GPD, ratio 3", "gpd_nobranch": "GPD, no branches",
@@ -129,6 +129,8 @@ def run_spec(phase: str, arm: str, seed: int, cfg: dict, lr: float, **over) -> d
     kind = {"plain": "plain", "plain_efflr": "plain", "wide2x": "plain", "static": "plain", "kd": "plain"}.get(
         arm, "gpd")
     width = {"wide2x": 2 * cfg["width"], "static": cfg["wide"]}.get(arm, cfg["width"])
+    if arm == "gpd_halflr":  # GPD at lr / r: the student's dense weights move at about plain's rate
+        lr = lr / cfg["ratio"]
     spec = {"phase": phase, "arm": arm, "seed": seed, "kind": kind, "width": width, "lr": lr,
             "lr_scale_dense": cfg["ratio"] if arm == "plain_efflr" else 1.0,
             "static": arm in ("kd", "gpd_static"), "ratio": cfg["ratio"], "lam": cfg["lam"], "branches": True,
@@ -321,7 +323,8 @@ def main_chains(cfg: dict, lr: float) -> list[list[dict]]:
     chains = []
     for seed in range(cfg["seeds"]):
         s = lambda arm: run_spec("main", arm, seed, cfg, lr)  # noqa: E731
-        chains += [[s("static"), s("kd"), s("gpd_static")], [s("gpd")], [s("plain"), s("plain_efflr"), s("wide2x")]]
+        chains += [[s("static"), s("kd"), s("gpd_static")], [s("gpd")], [s("plain"), s("plain_efflr")],
+                   [s("gpd_halflr")]] + ([[s("wide2x")]] if cfg.get("wide2x") else [])
     return chains
 
 
@@ -419,7 +422,8 @@ def plot(cfg: dict, main: dict, figures: str) -> list[str]:
     os.makedirs(figures, exist_ok=True)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     lines = []
-    for arm, colour in (("plain", "k"), ("plain_efflr", "grey"), ("gpd", "C0"), ("kd", "C2"), ("gpd_static", "C3"),
+    for arm, colour in (("plain", "k"), ("plain_efflr", "grey"), ("gpd", "C0"), ("gpd_halflr", "C1"), ("kd", "C2"),
+                        ("gpd_static", "C3"),
                         ("wide2x", "C4"), ("static", "C5")):
         hs = [r["history"] for (a, _), r in main.items() if a == arm]
         if not hs:
@@ -427,7 +431,7 @@ def plot(cfg: dict, main: dict, figures: str) -> list[str]:
         ep = np.arange(1, len(hs[0]) + 1)
         acc = np.array([[100 * h["student"] for h in hist] for hist in hs])
         axes[0].plot(ep, acc.mean(0), color=colour, label=f"{arm} (n={len(hs)})")
-        if arm in ("gpd", "gpd_static"):
+        if arm in ("gpd", "gpd_halflr", "gpd_static"):
             tea = np.array([[100 * h["teacher"] for h in hist] for hist in hs])
             axes[0].plot(ep, tea.mean(0), color=colour, ls="--", label=f"{arm}: dynamic teacher")
             gap = tea - acc
