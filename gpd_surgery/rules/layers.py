@@ -7,16 +7,17 @@ embedding table is a lookup: its embedding dim widens (copied), its number of ro
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..analyse import Ctx, Dims
+from ..analyse import Ctx, Dims, Rule
 from ..fallback import at_student_width
 from ..layout import Layout, Prod
+from ..teacher_ops import FoldedStdConv
 from .common import BY_DESIGN, attr_param, first_tensor, may_widen, per_channel, spatial
 from .registry import builtin
 
@@ -274,3 +275,32 @@ def embedding_bag(ctx: Ctx) -> Dims:
     index = ctx.dims(first_tensor(ctx))
     bags = [index[0]] if len(index) == 2 else spatial(ctx, ctx.shape(ctx.node)[:1])
     return bags + [dim]
+
+
+def weight_standardised(pad_of: Callable[[nn.Module], Any]) -> Rule:
+    """The rule of a weight-standardised conv (timm's StdConv2d and ScaledStdConv2d, BiT's), whose weight's rows
+    are standardised over their fan-in (by F.batch_norm in training mode), then scaled by a gain: as a conv, its
+    gain copied per output channel. Where its input dim widens, the teacher standardises each row with the
+    statistics of the row folded back to the student's width (``FoldedStdConv``): exact at any ratio and
+    shares, and the collapse is a conv's. The module is kept whole (a leaf), the standardisation one op.
+    ``pad_of(module)``: the padding it applies to its input first (a function or a module), or None."""
+
+    def rule(ctx: Ctx) -> Dims:
+        m = ctx.module(ctx.node)
+        xd, c, W, groups = conv_module(ctx)
+        if isinstance(getattr(m, "gain", None), nn.Parameter):
+            ctx.unify(ctx.param(f"{ctx.node.target}.gain", ["copy"])[0], W[0])
+
+        def build(t: nn.Module, size: Any) -> nn.Module:
+            conv_build(t, size, xd[c], W, groups)
+            src = size.src(W[1])  # None: each row's fan-in is the student's, folding changes nothing
+            student = size.student(W[1])
+            # Always FoldedStdConv: with branches its _conv_forward standardises the merged kernel, where the
+            # student's class would convolve with it as it is.
+            return FoldedStdConv(t, torch.arange(student) if src is None else src, student, pad_of(t))
+
+        ctx.on_build_module(build)
+        return conv_output(ctx, xd, c, W[0])
+
+    rule.takes_branches = True  # type: ignore[attr-defined]  # see expansion.plan_branches
+    return rule

@@ -22,7 +22,8 @@ from ..analyse import Rule
 RuleKey = Any  # an nn.Module subclass, a function, or a method name such as "reshape"
 
 # Rules for a library's own ops, by the library's top-level package: imported at the first node of it.
-LIBRARY_RULES = {"torchvision": "gpd_surgery.rules.torchvision", "timm": "gpd_surgery.rules.timm"}
+LIBRARY_RULES = {"torchvision": "gpd_surgery.rules.torchvision", "timm": "gpd_surgery.rules.timm",
+                 "transformers": "gpd_surgery.rules.transformers"}
 
 
 @dataclass(frozen=True)

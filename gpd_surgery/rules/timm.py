@@ -6,18 +6,13 @@ from __future__ import annotations
 
 import functools
 import importlib
-from typing import Any
 
 from timm.layers import norm_act as _norm_act
 from timm.layers import std_conv as _std_conv
 from timm.layers.conv2d_same import Conv2dSame as _Conv2dSame
 from timm.layers.padding import pad_same
-import torch
-from torch import nn
 
-from ..analyse import Ctx, Dims
-from ..teacher_ops import FoldedStdConv
-from .layers import conv, conv_build, conv_module, conv_output
+from .layers import conv, weight_standardised
 from .norms import batch_norm, group_norm
 from .registry import DEFAULT, builtin
 from .shapes import channels_last_window
@@ -27,32 +22,10 @@ builtin(_norm_act.GroupNormAct)(group_norm)
 builtin(_Conv2dSame)(conv)  # an nn.Conv2d whose padding is computed from the input's size: spatial only
 
 
-def std_conv(ctx: Ctx) -> Dims:
-    """A weight-standardised conv (StdConv2d, ScaledStdConv2d and their same-padding forms: the weight's rows
-    standardised over their fan-in, by F.batch_norm in training mode, then scaled by a gain): as a conv, its
-    gain copied per output channel. Where its input dim widens, the teacher standardises each row with the
-    statistics of the row folded back to the student's width (``FoldedStdConv``): exact at any ratio and
-    shares, and the collapse is a conv's. Kept whole (a leaf) so that the standardisation is one op."""
-    m = ctx.module(ctx.node)
-    xd, c, W, groups = conv_module(ctx)
-    if isinstance(getattr(m, "gain", None), nn.Parameter):
-        ctx.unify(ctx.param(f"{ctx.node.target}.gain", ["copy"])[0], W[0])
-
-    def build(t: nn.Module, size: Any) -> nn.Module:
-        conv_build(t, size, xd[c], W, groups)
-        src = size.src(W[1])  # None: each row's fan-in is the student's, folding changes nothing
-        student = size.student(W[1])
-        pad = functools.partial(pad_same, kernel_size=t.kernel_size, stride=t.stride, dilation=t.dilation) \
-            if getattr(t, "same_pad", False) else None
-        # Always FoldedStdConv: with branches its _conv_forward standardises the merged kernel, where the
-        # student's class would convolve with it as it is.
-        return FoldedStdConv(t, torch.arange(student) if src is None else src, student, pad)
-
-    ctx.on_build_module(build)
-    return conv_output(ctx, xd, c, W[0])
-
-
-std_conv.takes_branches = True  # type: ignore[attr-defined]  # see expansion.plan_branches
+# timm's same-padding forms pad from the input's size before the conv, as pad_same does.
+std_conv = weight_standardised(lambda t: functools.partial(pad_same, kernel_size=t.kernel_size, stride=t.stride,
+                                                           dilation=t.dilation) if getattr(t, "same_pad", False)
+                               else None)
 
 
 # Leaves: StdConv2d and ScaledStdConv2d are traced through otherwise, their standardisation a batch_norm over a
