@@ -360,6 +360,28 @@ def test_index_input_embedding_and_transposed_conv_expand(ratio):
     assert res.plan.report["frozen"] == [] and res.plan.report["boundary"] >= 1
 
 
+def deconv_generator(z: int = 8, c: int = 8) -> nn.Module:
+    """A DCGAN-style generator: a latent vector up to an image by transposed convs. Its ends are fixed (the
+    latent's width and the 3 colours), everything between them may widen."""
+    return nn.Sequential(
+        nn.ConvTranspose2d(z, 2 * c, 4, 1, 0, bias=False), nn.BatchNorm2d(2 * c), nn.ReLU(),
+        nn.ConvTranspose2d(2 * c, c, 4, 2, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(),
+        nn.ConvTranspose2d(c, 3, 4, 2, 1), nn.Tanh())
+
+
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_a_deconv_generator_reaches_the_factor_its_ends_allow(ratio):
+    """Every width but the latent's and the image's widens: the teacher's size is the arithmetic's maximum."""
+    res = check(deconv_generator(), (2, 8, 1, 1), ratio)
+    a, b = w(16, ratio), w(8, ratio)
+    assert tshape(res, "0.weight") == (8, a, 4, 4) and tshape(res, "3.weight") == (a, b, 4, 4)
+    assert tshape(res, "6.weight") == (b, 3, 4, 4) and tshape(res, "6.bias") == (3,)
+    params = lambda c2, c1: 8 * c2 * 16 + c2 * c1 * 16 + c1 * 3 * 16 + 3 + 2 * (c2 + c1)  # convs, bias, BN affine
+    assert res.plan.report["frozen"] == []
+    assert sum(t.numel() for k, t in res.tensors.items() if not k.endswith(("running_mean", "running_var",
+               "num_batches_tracked"))) == params(a, b)
+
+
 class MViTBlock(nn.Module):
     """One MViT v2 block as mvit_v2_s builds them: pooled q, k, v (depthwise Conv3d and LayerNorm over
     head_dim), relative position tables, the pooled residual (``_add_shortcut``) and a projection."""
