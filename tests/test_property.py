@@ -106,6 +106,16 @@ class Mean(nn.Module):
         return x.mean((2, 3))
 
 
+class FeaturesAndLogits(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.fc = nn.Linear(c, 5)
+
+    def forward(self, x):
+        f = x.mean((2, 3))
+        return f, self.fc(f)
+
+
 def build(blocks: list[tuple], head: str, c: int = 3) -> nn.Module:
     layers: list[nn.Module] = []
     for kind, *a in blocks:
@@ -138,6 +148,8 @@ def build(blocks: list[tuple], head: str, c: int = 3) -> nn.Module:
             layers.append(Unknown())
     if head == "conv":
         layers.append(nn.Conv2d(c, 4, 1))
+    elif head == "features":  # the pooled features leave the graph beside the logits (narrowed to the student's)
+        layers.append(FeaturesAndLogits(c))
     elif head == "mean":
         layers += [Mean(), nn.Linear(c, 5)]
     else:  # adaptive pool to s x s, flatten C*s*s into a Linear
@@ -224,7 +236,7 @@ def nets(draw):
         elif kind == "shuffle" and struct is None and any(c % g == 0 for g in range(2, c)):
             blocks.append(("shuffle", draw(st.sampled_from([g for g in range(2, c) if c % g == 0]))))
             struct = "prod"
-    head = draw(st.sampled_from(["conv", "mean", "pool1", "pool2"]))
+    head = draw(st.sampled_from(["conv", "mean", "pool1", "pool2", "features"]))
     return blocks, head, shape
 
 
@@ -241,8 +253,9 @@ def test_teacher_is_exact_and_collapses_back(net, ratio, seed, equal):
     x = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     with torch.no_grad():
         ys, yt = copy.deepcopy(model).double()(x), res.teacher().double().eval()(x)
-    assert yt.shape == ys.shape
-    assert ((yt - ys).abs().max() / ys.abs().max()).item() <= 1e-10
+    for s_, t_ in zip(ys if isinstance(ys, tuple) else (ys,), yt if isinstance(yt, tuple) else (yt,)):
+        assert t_.shape == s_.shape
+        assert ((t_ - s_).abs().max() / s_.abs().max()).item() <= 1e-10
 
     back = collapse(res.plan, res.tensors)
     assert back.keys() == state.keys()
@@ -255,6 +268,8 @@ def test_teacher_is_exact_and_collapses_back(net, ratio, seed, equal):
     assert s["unsupported_ops"] == (["test_property.unknown_mix (run at the student's width)"] if unknown else [])
     assert s["spaces_frozen"] == 0, s["frozen"]
     assert s["teacher_params"] > s["student_params"]
+    if head == "features":  # the features widen inside, though they leave the graph at the student's width
+        assert res.tensors[f"{len(model) - 1}.fc.weight"].shape[1] > model[-1].fc.in_features
     first = res.tensors["0.weight"].shape
     c = blocks[0][1]  # the first conv widens its outputs, never the graph input (at 1.5, piece by piece)
     assert first[1] == 3 and (first[0] == c * ratio if ratio == int(ratio) else first[0] > c)
