@@ -21,7 +21,7 @@ from torch import nn
 from conftest import random_init, randomize
 from gpd_surgery import collapse, expand, plan_expansion
 from gpd_surgery.report import plan_report
-from gpd_surgery.verification import compare
+from gpd_surgery.verification import compare, verify
 
 torchvision = pytest.importorskip("torchvision")
 from torchvision.models.video import mvit as tv_mvit  # noqa: E402
@@ -226,13 +226,18 @@ def test_padding_module(kind, nd, ratio):
     assert tshape(res, "0.weight")[0] == tshape(res, "3.weight")[1] == w(8, ratio)
 
 
-def test_padding_a_channel_dim_freezes_it():
-    """Channels last: ZeroPad1d pads the Linear's 8 outputs to 10, which cannot be copies of anything."""
-    m = nn.Sequential(nn.Linear(3, 8), nn.ZeroPad1d((1, 1)), nn.Linear(10, 6), nn.ReLU(), nn.Linear(6, 2))
-    res = check(m, (2, 5, 3), frozen_ok=True)
-    assert tshape(res, "0.weight") == (8, 3) and tshape(res, "2.weight") == (12, 10)
-    frozen = res.summary()["frozen"]
-    assert len(frozen) == 1 and frozen[0]["reason"].startswith("padding a channel dimension (ZeroPad1d at _1)")
+def test_padding_a_channel_dim_runs_at_the_students_width():
+    """Channels last: ZeroPad1d pads the Linear's 8 outputs to 10, which cannot be copies of anything: the pad
+    runs on the canonical copies and its output is copied out, so nothing freezes and both Linears widen."""
+    m = random_init(nn.Sequential(nn.Linear(3, 8), nn.ZeroPad1d((1, 1)), nn.Linear(10, 6), nn.ReLU(),
+                                  nn.Linear(6, 2))).double()
+    res = expand(m, (2, 5, 3), ratio=2)
+    assert tshape(res, "0.weight") == (16, 3) and tshape(res, "2.weight") == (12, 20)
+    s = res.summary()
+    assert s["unsupported_ops"] == ["ZeroPad1d along a channel dimension (run at the student's width)"]
+    assert s["frozen"] == []
+    rep = verify(m, res.plan, res.tensors, device="cpu")
+    assert rep.passed and all(c.max_rel <= 1e-10 for c in rep.checks if c.dtype == "float64"), rep.to_dict()
 
 
 # -- torchvision: FrozenBatchNorm2d, MViT's helpers ------------------------------------------------------

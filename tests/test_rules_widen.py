@@ -249,3 +249,34 @@ def test_timm_blocks_widen(name, shape, capture, least):
     pytest.importorskip("timm")
     res, _ = check(_poolformer() if name == "poolformer" else _block(name), shape, 2, capture=capture)
     assert res.summary()["param_ratio"] >= least
+
+
+# -- products of two activations over a widened dim: one operand weighed by 1 / copies -----------------------
+class OneHead(nn.Module):
+    """A single attention head (fused sdpa or q @ k^T written out) and a bilinear form over channels (einsum):
+    no heads to widen, so the contracted dim itself widens."""
+
+    def __init__(self, fused: bool, c: int = 6) -> None:
+        super().__init__()
+        self.fused, self.embed, self.qkv, self.proj = fused, nn.Linear(4, c), nn.Linear(c, 3 * c), nn.Linear(c, c)
+        self.a, self.b, self.head = nn.Linear(c, c), nn.Linear(c, c), nn.Linear(c, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.embed(x)
+        q, k, v = self.qkv(y).chunk(3, -1)
+        if self.fused:
+            o = F.scaled_dot_product_attention(q, k, v)
+        else:
+            o = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(-1) @ v
+        y = y + self.proj(o)
+        gram = torch.einsum("bnc,bmc->bnm", self.a(y), self.b(y)).softmax(-1)  # x . y over channels
+        return self.head((gram @ y).mean(1))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_a_single_head_and_a_bilinear_form_widen_their_contracted_dim(ratio, fused):
+    res, _ = check(OneHead(fused), (2, 5, 4), ratio)
+    c = width(6, ratio)
+    assert tuple(res.tensors["qkv.weight"].shape) == (3 * c, c) and tuple(res.tensors["proj.weight"].shape) == (c, c)
+    assert tuple(res.tensors["a.weight"].shape) == (c, c) and tuple(res.tensors["b.weight"].shape) == (c, c)

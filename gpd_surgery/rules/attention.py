@@ -16,6 +16,7 @@ from torch import nn
 
 from ..analyse import Ctx, Dims
 from ..errors import GPDError
+from ..fallback import STUDENT_NAME
 from ..layout import Layout, Prod
 from .common import BY_DESIGN, attr_param
 from .registry import builtin
@@ -79,6 +80,48 @@ def multihead_attention(ctx: Ctx) -> Dims:
     return (out, ctx.fresh_like(spec[1])) if isinstance(spec, tuple) else out
 
 
+def contract(ctx: Ctx, lay: Layout, batch: list[Layout], operand: int, dim: int, reason: str = CONTRACTED) -> None:
+    """``lay``, summed over by a product of two activations (operand ``operand`` of the node holds it at
+    ``dim``). Where the product has batch dims that may widen (the heads), it keeps its size: the heads widen,
+    as copies. Otherwise (a single head, any bilinear form x . y over channels) it may widen: the teacher weighs
+    that operand by 1 / copies along it, so the sum over the copies is the student's sum, at any ratio."""
+    sp = ctx.spaces
+    heads = any(sp.frozen[leaf] is None and sp.size[leaf] > 1 for b in batch for leaf in sp.leaves(b))
+    if heads or any(sp.frozen[leaf] is not None for leaf in sp.leaves(lay)):  # (a rotary embedding's strided
+        ctx.freeze(lay, reason)  # slice of head_dim froze it already: by design, as with several heads)
+        return
+
+    def weigh(n: fx.Node, size: Any) -> None:
+        src = size.src(lay)
+        if src is None:
+            return
+        x = n.args[operand]
+        ndim = len(x.meta["gpd_spec"].shape) if "gpd_spec" in x.meta else None
+        w = (1.0 / torch.bincount(src).to(torch.float64))[src]
+        if ndim is not None and dim != -1:
+            w = w.view(-1, *(1,) * (ndim - dim % ndim - 1))
+        const = size.constant(n, w)
+        with n.graph.inserting_before(n):
+            cast = n.graph.call_method("to", (const, x))  # the operand's dtype and device
+            y = n.graph.call_function(operator.mul, (x, cast))
+        cast.meta[STUDENT_NAME] = y.meta[STUDENT_NAME] = None  # no student node holds these
+        n.args = tuple(y if i == operand else a for i, a in enumerate(n.args))
+
+    ctx.on_build_node(_chain(ctx, weigh))
+
+
+def _chain(ctx: Ctx, hook: Any) -> Any:
+    """``hook`` after the node's build hook registered so far (a rule may register two)."""
+    before = ctx.result.node_hooks.get(ctx.where)
+    if before is None:
+        return hook
+
+    def both(n: fx.Node, size: Any) -> None:
+        before(n, size)
+        hook(n, size)
+    return both
+
+
 def _batch_unify(ctx: Ctx, *dims: list[Layout]) -> list[Layout]:
     """Broadcast batch dims of several operands from the right; copies of a batch entry stay copies."""
     n = max(len(d) for d in dims)
@@ -109,8 +152,9 @@ def matmul(ctx: Ctx) -> Dims:
         ctx.unify(da[-1], W[0])
         return list(da[:-1]) + [W[1]]
     ctx.unify(da[-1], db[-2])
-    ctx.freeze(da[-1], CONTRACTED)
-    return _batch_unify(ctx, list(da[:-2]), list(db[:-2])) + [da[-2], db[-1]]
+    batch = _batch_unify(ctx, list(da[:-2]), list(db[:-2]))
+    contract(ctx, da[-1], batch, 0, -1)
+    return batch + [da[-2], db[-1]]
 
 
 @builtin(torch.einsum)
@@ -136,13 +180,17 @@ def einsum(ctx: Ctx) -> Dims:
             else:
                 letters[ch] = lay
             count[ch] = count.get(ch, 0) + 1
+    shared = [lay for ch, lay in letters.items() if ch in rhs and count[ch] == len(ops) and len(ops) > 1]
+    for lay in shared:
+        ctx.spaces.mark_expandable(lay)
     for ch, lay in letters.items():
         if ch not in rhs and len(ops) > 1:
-            ctx.freeze(lay, CONTRACTED)
+            if ch in terms[0]:
+                contract(ctx, lay, shared, 1, terms[0].index(ch))
+            else:
+                ctx.freeze(lay, CONTRACTED)
         elif ch not in rhs:
             ctx.freeze(lay, f"reduction over a channel dimension (einsum {eq})")
-        elif count[ch] == len(ops) and len(ops) > 1:
-            ctx.spaces.mark_expandable(lay)
     return [letters[ch] for ch in rhs]
 
 
@@ -151,9 +199,17 @@ def sdpa(ctx: Ctx) -> Dims:
     q, k, v = (ctx.arg(i, n) for i, n in enumerate(("query", "key", "value")))
     dq, dk, dv = ctx.dims(q), ctx.dims(k), ctx.dims(v)
     ctx.unify(dq[-1], dk[-1])
-    ctx.freeze(dq[-1], HEAD_DIM)
     ctx.unify(dk[-2], dv[-2])
     batch = _batch_unify(ctx, list(dq[:-2]), list(dk[:-2]), list(dv[:-2]))
+    contract(ctx, dq[-1], batch, 0, -1, reason=HEAD_DIM)
+    if ctx.spaces.frozen[ctx.spaces.leaves(dq[-1])[0]] is None:  # head_dim may widen: the scale stays the student's
+        student = ctx.shape(q)[-1]
+
+        def keep_scale(n: fx.Node, size: Any) -> None:
+            if len(n.args) <= 6 and n.kwargs.get("scale") is None:
+                n.kwargs = {**n.kwargs, "scale": student ** -0.5}
+
+        ctx.on_build_node(_chain(ctx, keep_scale))
     mask = ctx.arg(3, "attn_mask")
     if isinstance(mask, fx.Node) and ctx.is_tensor(mask):
         full = batch + [dq[-2], dk[-2]]

@@ -46,10 +46,8 @@ def per_channel(ctx: Ctx, channel: Layout, names: tuple[str, ...]) -> None:
 
 
 def may_widen(ctx: Ctx, lay: Layout) -> bool:
-    """Whether ``lay`` may widen: an unfrozen space that a rule offered (a layer's outputs, groups)."""
+    """Whether ``lay`` is a channel space that may widen: an unfrozen space that a rule offered (a layer's
+    outputs, groups). A factor of a product offered as a whole (a Linear's output unflattened to C x H x W) is
+    not: freezing it leaves the product another factor to widen."""
     sp = ctx.spaces
-    free = [leaf for leaf in sp.leaves(lay) if sp.frozen[leaf] is None and sp.size[leaf] > 1]
-    if not free:  # spatial dims, the usual case: frozen by design
-        return False
-    wanted = {leaf for w in sp.wants for leaf in sp.leaves(w)}
-    return any(sp.expandable[leaf] or leaf in wanted for leaf in free)
+    return any(sp.frozen[leaf] is None and sp.size[leaf] > 1 and sp.expandable[leaf] for leaf in sp.leaves(lay))
