@@ -24,6 +24,7 @@ example's shapes.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import operator
@@ -98,6 +99,8 @@ def capture(model: nn.Module, inputs: Inputs, how: str, rules: Any, force: bool 
             captured = export_graph(model, inputs, example, rules, dynamic)
             check_memory(forward_bytes(captured.gm, captured.inputs, dtype), force, where, hint)
             propagate(captured.gm, [example[position[id(s)]] for s in captured.inputs], model, inputs)
+            if fx_captured is not None and not _same_in_float64(captured, model, inputs, example):
+                return fx_captured
             return captured
         except TraceError as e:  # not the input's fault (propagate raises that at once)
             error = e
@@ -107,6 +110,29 @@ def capture(model: nn.Module, inputs: Inputs, how: str, rules: Any, force: bool 
     if failed is None:
         raise error
     raise TraceError(f"{first_line(failed, 1000)}; torch.export failed too: {first_line(error, 300)}") from None
+
+
+def _same_in_float64(captured: Captured, model: nn.Module, inputs: Inputs, example: Sequence[torch.Tensor]) -> bool:
+    """Whether the exported graph computes the model's function to float64's rounding. A model that computes a
+    part in float32 on purpose (timm's PositionalEncodingFourier: ``torch.arange(..., dtype=torch.float32)``)
+    does not: the graph's casts follow the model's dtype, as export cannot tell such a cast from
+    ``x.to(self.weight.dtype)``. fx keeps the code as written, so auto keeps fx's graph there."""
+    from torch.utils._pytree import tree_leaves
+
+    from .inputs import call
+
+    x = [t.double() if t.is_floating_point() else t for t in example]
+    position = {id(s): i for i, s in enumerate(inputs)}
+    try:
+        with torch.no_grad():
+            want = tree_leaves(call(copy.deepcopy(model).double(), inputs, x))
+            got = tree_leaves(copy.deepcopy(captured.gm).double()(*[x[position[id(s)]] for s in captured.inputs]))
+    except Exception:  # an op the graph holds at a fixed dtype
+        return False
+    pairs = [(a, b) for a, b in zip(want, got) if isinstance(a, torch.Tensor) and a.is_floating_point()]
+    return len(want) == len(got) and all(
+        isinstance(b, torch.Tensor) and a.shape == b.shape
+        and float((a - b).abs().max()) <= 1e-10 * max(float(a.abs().max()), 1e-30) for a, b in pairs)
 
 
 def _opaque_leaves(gm: fx.GraphModule, rules: Any) -> list[str]:
@@ -602,7 +628,8 @@ def _torch_level(graph: fx.Graph, rules: Any) -> None:
         if name.startswith("sym_size") and overload == "int":
             n.op, n.target = "call_method", "size"
             continue
-        if _is_method(op, name) and rules.get(name) is not None:
+        if _is_method(op, name) and rules.get(name) is not None and isinstance(n.args[0] if n.args else None,
+                                                                               fx.Node):  # not 10000.pow(x)
             n.op, n.target = "call_method", name
             continue
         for ns in _FUNCTION_NAMESPACES:

@@ -216,6 +216,22 @@ def test_auto_traces_through_a_library_leaf_that_no_rule_knows():
     assert rep.passed and all(c.max_rel <= 1e-10 for c in rep.checks if c.dtype == "float64"), rep.to_dict()
 
 
+def test_auto_keeps_fx_where_the_exported_graph_is_not_the_models_function_in_float64():
+    """XCiT: export traces through its leaves, but its graph is not the model's function in float64 (a part the
+    model computes in float32 follows the model's dtype in the graph, as export cannot tell such a cast from
+    ``x.to(self.weight.dtype)``), so auto keeps fx's graph, exact. Export alone captures it too (its
+    ``10000 ** x``, a scalar raised to a tensor, as ``torch.pow``, not as ``10000.pow(x)``)."""
+    xcit = pytest.importorskip("timm.models.xcit")
+    torch.manual_seed(0)
+    model = randomize(xcit.Xcit(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2, cls_attn_layers=1,
+                                num_classes=3)).eval()
+    auto = api.expand(model, (1, 3, 32, 32), 2.0)
+    assert auto.plan.source["capture"] == "fx"
+    rep = verify(model, auto.plan, auto.tensors, device="cpu")
+    assert rep.passed and all(c.max_rel <= 1e-10 for c in rep.checks if c.dtype == "float64"), rep.to_dict()
+    assert api.plan_expansion(model, (1, 3, 32, 32), 2.0, capture="export").plan.source["capture"] == "export"
+
+
 class AttentionOnInput(nn.Module):
     """nn.MultiheadAttention straight on a graph input: its width cannot widen, so neither may its heads."""
 
