@@ -111,6 +111,17 @@ def tmp(tmp_path):
     return tmp_path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _freeze_imports():
+    """What exists when the first test starts (torch, timm, transformers, the test modules: ~500k objects) is
+    moved out of the collector's sight, so that each test's collection below scans only what tests made:
+    0.3 s a test otherwise, minutes over the suite."""
+    gc.collect()
+    gc.freeze()
+    yield
+    gc.unfreeze()
+
+
 @pytest.fixture(autouse=True)
 def _collect_garbage():
     """fx graphs hold reference cycles: free each test's teacher before the next allocates its own."""
