@@ -182,14 +182,12 @@ def test_export_and_fx_give_the_same_plan_and_both_are_exact(ratio):
 def test_an_exported_teacher_runs_at_other_batch_sizes():
     model = _net()
     ex = api.expand(model, (1, 3, 8, 8), 2.0, capture="export")
-    teacher = api.load_teacher
     from gpd_surgery.verification import rebuild
 
     _, _, t = rebuild(model, ex.plan, ex.tensors, ex.plan.inputs())
     x = torch.randn(5, 3, 8, 8)
     with torch.no_grad():
         assert torch.allclose(t(x), model(x), atol=1e-5)
-    assert teacher is not None
 
 
 def test_auto_traces_through_a_library_leaf_that_no_rule_knows():
